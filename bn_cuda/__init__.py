@@ -1,0 +1,39 @@
+"""bn_cuda: fast batch normalization for PyTorch, a drop-in for torch.nn.BatchNorm1d/2d/3d.
+
+>>> import bn_cuda
+>>> bn = bn_cuda.BatchNorm2d(64)                  # same constructor as nn.BatchNorm2d
+>>> model = bn_cuda.convert_model(model)          # swaps every nn.BatchNorm*d, keeps weights
+>>> y = bn_cuda.functional.batch_norm(x, rm, rv, w, b, training=True)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (loads the compiled kernels and registers torch.ops.bn_cuda)
+from . import functional, ops  # noqa: F401  (ops registers fake kernels and autograd)
+from .functional import batch_norm
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
+
+__version__ = "0.1.0"
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "build_info", "convert_model", "functional"]
+
+
+def build_info() -> dict[str, object]:
+    """Which backends the compiled extension has, and the torch it runs with.
+
+    Returns a dict: ``cpu`` and ``cuda`` (bool: kernels compiled in), ``cuda_available``
+    (a GPU usable right now), ``torch`` (version string), ``torch_cuda`` (torch's CUDA version
+    or None).
+    """
+
+    def has_kernel(key: str) -> bool:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("bn_cuda::forward_train", key)
+
+    return {
+        "cpu": has_kernel("CPU"),
+        "cuda": has_kernel("CUDA"),
+        "cuda_available": torch.cuda.is_available(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+    }

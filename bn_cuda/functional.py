@@ -1,0 +1,181 @@
+"""``bn_cuda.functional.batch_norm``: F.batch_norm's signature and behaviour on bn_cuda's kernels.
+
+Argument checks raise the same exception types and messages as PyTorch, and all of them run
+before anything is computed or updated, so a call that fails changes no tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["batch_norm"]
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_REDUCED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _check_dtypes(input: Tensor, params: list[Tensor]) -> None:
+    """PyTorch's dtype rules: float32/float64 input takes parameters of its own dtype; float16 and
+    bfloat16 input take parameters that are all of the input's dtype or all float32."""
+    if not params:
+        return
+    where = "CUDA" if input.is_cuda else "CPU"
+    if input.dtype == torch.float64:
+        if any(p.dtype != torch.float64 for p in params):
+            raise RuntimeError(f"mixed dtype ({where}): all inputs must share same datatype.")
+        return
+    allowed = (input.dtype, torch.float32) if input.dtype in _REDUCED_DTYPES else (torch.float32,)
+    if any(p.dtype not in allowed for p in params):
+        raise RuntimeError(f"mixed dtype ({where}): expect parameter to have scalar type of Float")
+    first = params[0].dtype
+    for p in params[1:]:
+        if p.dtype != first:
+            raise RuntimeError(f"expected scalar type {_dtype_name(first)} but found {_dtype_name(p.dtype)}")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32: "Float", torch.float64: "Double"}.get(
+        dtype, str(dtype).replace("torch.", "")
+    )
+
+
+def _dtype_label(dtype: torch.dtype) -> str:
+    # The names PyTorch's dispatch errors use ("Long", "Bool", "ComplexFloat", ...).
+    labels = {
+        torch.uint8: "Byte",
+        torch.int8: "Char",
+        torch.int16: "Short",
+        torch.int32: "Int",
+        torch.int64: "Long",
+        torch.bool: "Bool",
+        torch.complex64: "ComplexFloat",
+        torch.complex128: "ComplexDouble",
+        torch.complex32: "ComplexHalf",
+    }
+    return labels.get(dtype, _dtype_name(dtype))
+
+
+def check_batch_norm_args(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    eps: float,
+) -> None:
+    """Raises what torch.nn.functional.batch_norm raises for these arguments (and a clear error
+    where PyTorch's is opaque: fewer than 2 dims, no channels)."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"batch_norm(): argument 'input' must be Tensor, not {type(input).__name__}")
+    if input.dim() < 2:
+        raise ValueError(f"expected at least 2D input (N, C, ...) (got {input.dim()}D input)")
+    if training:
+        size = input.size()
+        count = size[0]
+        for d in size[2:]:
+            count *= d
+        if count == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if input.dtype not in _SUPPORTED_DTYPES:
+        raise NotImplementedError(f'"batch_norm" not implemented for \'{_dtype_label(input.dtype)}\'')
+    channels = input.shape[1]
+    if channels == 0:
+        raise ValueError(
+            f"batch_norm needs at least one channel, got input size {input.size()} (dimension 1 is the channels)"
+        )
+    if not training and running_mean is None:
+        raise RuntimeError("running_mean must be defined in evaluation mode")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    named = [("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)]
+    present = [(name, t) for name, t in named if t is not None]
+    for name, t in present:
+        if t.numel() != channels:
+            raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
+    for name, t in present:
+        if t.device != input.device:
+            raise RuntimeError(
+                "Expected all tensors to be on the same device, but found at least two devices, "
+                f"{input.device} and {t.device}! ({name})"
+            )
+    _check_dtypes(input, [t for _, t in present])
+    for name in ("running_mean", "running_var"):
+        t = running_mean if name == "running_mean" else running_var
+        if t is not None and t.requires_grad:
+            raise RuntimeError(
+                f"The function 'batch_norm' is not differentiable with respect to argument '{name}'. "
+                "This input cannot have requires_grad True."
+            )
+
+
+def batch_norm_impl(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    num_batches_tracked: Tensor | None = None,
+) -> Tensor:
+    """batch_norm with the module's extra state: when training with running statistics,
+    ``num_batches_tracked`` (if given) is incremented, and ``momentum=None`` averages the
+    running statistics cumulatively (factor 1 / num_batches_tracked, computed on the device)."""
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
+    if not training:
+        return torch.ops.bn_cuda.forward_eval(input, running_mean, running_var, weight, bias, eps)
+    output, mean, _, var = torch.ops.bn_cuda.forward_train(input, weight, bias, eps)
+    if running_mean is not None:
+        with torch.no_grad():
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+            if momentum is None and num_batches_tracked is None:
+                momentum = 0.0  # nn.BatchNorm's factor when it has no counter to average over
+            count = input.numel() // input.shape[1]
+            torch.ops.bn_cuda.update_running_stats(
+                running_mean, running_var, mean, var, count, momentum, num_batches_tracked if momentum is None else None
+            )
+    return output
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    r"""Apply Batch Normalization for each channel across a batch of data.
+
+    Same signature, semantics and errors as :func:`torch.nn.functional.batch_norm`, computed by
+    bn_cuda's kernels (CUDA or CPU, following ``input``'s device). ``input`` is :math:`(N, C, *)`;
+    statistics are per channel over the other dimensions. In training mode the batch statistics
+    normalize the input and, when ``running_mean``/``running_var`` are given, update them in place:
+    :math:`\hat{x}_\text{new} = (1 - \text{momentum}) \hat{x} + \text{momentum} \cdot x_t`, with the
+    unbiased variance. In evaluation mode the running statistics normalize the input.
+
+    Args:
+        input: float32, float64, float16 or bfloat16 tensor of shape :math:`(N, C, *)`, any strides;
+            the output keeps its memory format (e.g. ``torch.channels_last``).
+        running_mean: running mean of shape :math:`(C)` or ``None``.
+        running_var: running variance of shape :math:`(C)` or ``None``.
+        weight: scale :math:`\gamma` of shape :math:`(C)` or ``None`` (ones).
+        bias: shift :math:`\beta` of shape :math:`(C)` or ``None`` (zeros).
+        training: use batch statistics (and update the running ones) when ``True``.
+        momentum: factor of the running statistics update. Default: 0.1
+        eps: added to the variance for numerical stability. Default: 1e-5
+
+    Parameters and running statistics share one dtype: the input's, or float32 for float16 and
+    bfloat16 input.
+    """
+    return batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps)

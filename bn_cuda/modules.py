@@ -1,0 +1,155 @@
+"""bn_cuda.BatchNorm1d/2d/3d: nn.BatchNorm1d/2d/3d computed by bn_cuda's kernels, and convert_model.
+
+Each class subclasses its torch.nn counterpart and only replaces ``forward``: the constructor,
+parameters, buffers, state_dict (and loading checkpoints without ``num_batches_tracked``),
+``reset_parameters``, ``extra_repr`` and ``isinstance(m, nn.BatchNorm2d)`` are PyTorch's own.
+Differences, all deliberate:
+
+- ``momentum=None`` (cumulative average) computes its factor on the device, so it runs under
+  ``torch.compile(fullgraph=True)`` and CUDA graphs;
+- a call that raises changes nothing (PyTorch increments ``num_batches_tracked`` first).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .functional import batch_norm_impl
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_model"]
+
+
+class _BatchNormForward:
+    """The forward shared by the three classes (combined with an nn.BatchNorm*d base)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        # Batch statistics in training, and in eval when there are no running statistics.
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        # Running statistics are read in eval and updated in training when they are tracked.
+        use_buffers = not self.training or self.track_running_stats
+        tracked = self.num_batches_tracked if self.training and self.track_running_stats else None
+        return batch_norm_impl(
+            input,
+            self.running_mean if use_buffers else None,
+            self.running_var if use_buffers else None,
+            self.weight,
+            self.bias,
+            bn_training,
+            self.momentum,
+            self.eps,
+            tracked,
+        )
+
+
+_ARGS_DOC = r"""
+    Args:
+        num_features: :math:`C` from an expected input of size {shape}
+        eps: a value added to the denominator for numerical stability. Default: 1e-5
+        momentum: the value used for the running_mean and running_var computation. Can be set
+            to ``None`` for cumulative moving average (i.e. simple average). Default: 0.1
+        affine: when ``True``, this module has learnable affine parameters. Default: ``True``
+        track_running_stats: when ``True``, this module tracks the running mean and variance;
+            when ``False`` it keeps none and uses batch statistics in both training and eval
+            modes. Default: ``True``
+        device: device of the parameters and buffers.
+        dtype: dtype of the parameters and buffers.
+        bias: when ``False``, the layer learns no additive bias (only relevant if ``affine``).
+            Default: ``True``
+
+    Shape:
+        - Input: {shape}
+        - Output: same shape and memory format as the input
+"""
+
+
+class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):
+    __doc__ = (
+        r"""Batch Normalization over a 2D or 3D input, on bn_cuda's kernels.
+
+    A drop-in for :class:`torch.nn.BatchNorm1d` (same arguments, state_dict and behaviour):
+
+    .. math::
+
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} * \gamma + \beta
+"""
+        + _ARGS_DOC.format(shape=r":math:`(N, C)` or :math:`(N, C, L)`")
+        + r"""
+    Examples::
+
+        >>> m = bn_cuda.BatchNorm1d(100)
+        >>> output = m(torch.randn(20, 100))
+    """
+    )
+
+
+class BatchNorm2d(_BatchNormForward, nn.BatchNorm2d):
+    __doc__ = (
+        r"""Batch Normalization over a 4D input, on bn_cuda's kernels.
+
+    A drop-in for :class:`torch.nn.BatchNorm2d` (same arguments, state_dict and behaviour):
+
+    .. math::
+
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} * \gamma + \beta
+
+    The mean and standard deviation are computed per channel over the batch and spatial
+    dimensions; the biased variance normalizes, the unbiased one updates ``running_var``.
+    NCHW and ``torch.channels_last`` inputs are both native; the output (and the input's
+    gradient) keep the input's memory format.
+"""
+        + _ARGS_DOC.format(shape=r":math:`(N, C, H, W)`")
+        + r"""
+    Examples::
+
+        >>> m = bn_cuda.BatchNorm2d(100)
+        >>> output = m(torch.randn(20, 100, 35, 45))
+    """
+    )
+
+
+class BatchNorm3d(_BatchNormForward, nn.BatchNorm3d):
+    __doc__ = (
+        r"""Batch Normalization over a 5D input, on bn_cuda's kernels.
+
+    A drop-in for :class:`torch.nn.BatchNorm3d` (same arguments, state_dict and behaviour):
+
+    .. math::
+
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} * \gamma + \beta
+"""
+        + _ARGS_DOC.format(shape=r":math:`(N, C, D, H, W)`")
+        + r"""
+    Examples::
+
+        >>> m = bn_cuda.BatchNorm3d(100)
+        >>> output = m(torch.randn(20, 100, 35, 45, 10))
+    """
+    )
+
+
+_REPLACEMENTS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.BatchNorm1d: BatchNorm1d,
+    nn.BatchNorm2d: BatchNorm2d,
+    nn.BatchNorm3d: BatchNorm3d,
+}
+
+
+def convert_model(module: nn.Module) -> nn.Module:
+    """Make every ``nn.BatchNorm1d/2d/3d`` in ``module`` (itself included) a bn_cuda module.
+
+    The conversion is in place and keeps everything: the same parameter and buffer tensors (an
+    optimizer built before the call keeps working), device, dtype, train/eval mode, hooks and
+    attributes. Only modules whose type is exactly nn.BatchNorm1d/2d/3d are converted;
+    subclasses (user-defined, SyncBatchNorm, lazy modules) are left as they are.
+
+    Returns:
+        ``module``, for chaining: ``model = bn_cuda.convert_model(model)``.
+    """
+    for m in module.modules():
+        replacement = _REPLACEMENTS.get(type(m))
+        if replacement is not None:
+            # The bn_cuda classes add no state to their bases, so changing the class is exact.
+            m.__class__ = replacement
+    return module

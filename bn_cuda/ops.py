@@ -1,0 +1,240 @@
+"""Fake (meta) kernels and autograd formulas for the ``torch.ops.bn_cuda`` operators.
+
+The schemas and their contracts are in csrc/ops.cpp; the CPU and CUDA kernels are registered by
+the compiled extension. Fake kernels give torch.compile / FakeTensor the output shapes, dtypes
+and strides without running anything. Autograd is registered on the forward ops so that
+``torch.ops.bn_cuda.forward_train`` etc. are differentiable wherever they are called from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch._prims_common import suggest_memory_format
+
+__all__ = ["acc_dtype", "batch_norm_reference"]
+
+_ops = torch.ops.bn_cuda
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the kernels: float64 for float64 input, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    # The kernels write outputs dense in input.suggest_memory_format() (4D/5D only).
+    return suggest_memory_format(x) if x.dim() in (4, 5) else torch.contiguous_format
+
+
+def _empty_like_input(x: Tensor) -> Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+
+
+def _channel_stat(x: Tensor) -> Tensor:
+    return x.new_empty((x.shape[1],), dtype=acc_dtype(x.dtype))
+
+
+def _channel_shape(x: Tensor) -> list[int]:
+    return [1, x.shape[1]] + [1] * (x.dim() - 2)
+
+
+def _reduce_dims(x: Tensor) -> list[int]:
+    return [0, *range(2, x.dim())]
+
+
+# ---- fake kernels -------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("bn_cuda::stats")
+def _stats_fake(input: Tensor) -> tuple[Tensor, Tensor]:
+    return _channel_stat(input), _channel_stat(input)
+
+
+@torch.library.register_fake("bn_cuda::normalize")
+def _normalize_fake(input, mean, invstd, weight, bias) -> Tensor:
+    return _empty_like_input(input)
+
+
+@torch.library.register_fake("bn_cuda::forward_train")
+def _forward_train_fake(input, weight, bias, eps) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _empty_like_input(input), _channel_stat(input), _channel_stat(input), _channel_stat(input)
+
+
+@torch.library.register_fake("bn_cuda::forward_eval")
+def _forward_eval_fake(input, running_mean, running_var, weight, bias, eps) -> Tensor:
+    return _empty_like_input(input)
+
+
+@torch.library.register_fake("bn_cuda::backward_reduce")
+def _backward_reduce_fake(grad_output, input, mean) -> tuple[Tensor, Tensor]:
+    return _channel_stat(input), _channel_stat(input)
+
+
+@torch.library.register_fake("bn_cuda::backward_elemt")
+def _backward_elemt_fake(grad_output, input, mean, invstd, weight, mean_dy, mean_dy_xmu) -> Tensor:
+    return _empty_like_input(input)
+
+
+@torch.library.register_fake("bn_cuda::backward")
+def _backward_fake(
+    grad_output, input, mean, invstd, weight, training: bool, output_mask: Sequence[bool]
+) -> tuple[Tensor, Tensor, Tensor]:
+    param_dtype = weight.dtype if weight is not None else acc_dtype(input.dtype)
+    channels = input.shape[1]
+    grad_input = _empty_like_input(input) if output_mask[0] else input.new_empty((0,))
+    grad_weight = input.new_empty((channels if output_mask[1] else 0,), dtype=param_dtype)
+    grad_bias = input.new_empty((channels if output_mask[2] else 0,), dtype=param_dtype)
+    return grad_input, grad_weight, grad_bias
+
+
+@torch.library.register_fake("bn_cuda::update_running_stats")
+def _update_running_stats_fake(running_mean, running_var, mean, var, count, momentum, num_batches_tracked) -> None:
+    return None
+
+
+# ---- differentiable reference (double backward) ------------------------------------------------
+
+
+def batch_norm_reference(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    training: bool,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+) -> Tensor:
+    """Batch norm composed of differentiable PyTorch ops, computed in the accumulation dtype.
+
+    Used where a gradient of a gradient is asked for (``create_graph=True``): the fused kernels
+    give first derivatives only, so double backward differentiates this composition instead.
+    """
+    acc = acc_dtype(input.dtype)
+    x = input.to(acc)
+    shape = _channel_shape(input)
+    if training:
+        var, mean = torch.var_mean(x, _reduce_dims(input), correction=0)
+    else:
+        mean, var = running_mean.to(acc), running_var.to(acc)
+    y = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + eps)
+    if weight is not None:
+        y = y * weight.to(acc).reshape(shape)
+    if bias is not None:
+        y = y + bias.to(acc).reshape(shape)
+    return y.to(input.dtype)
+
+
+def _grads_by_reference(ctx, grad_output: Tensor, training: bool) -> tuple[Tensor | None, ...]:
+    """Gradients of batch_norm_reference, themselves differentiable (create_graph=True).
+    ctx holds (input, weight, bias, a, b) with (a, b) the running statistics in eval mode."""
+    input, weight, bias, running_mean, running_var = ctx.saved_tensors
+    if training:
+        running_mean = running_var = None
+    wanted = [(i, t) for i, t in enumerate((input, weight, bias)) if ctx.needs_input_grad[i] and t is not None]
+    y = batch_norm_reference(input, weight, bias, ctx.eps, training, running_mean, running_var)
+    grads = torch.autograd.grad(y, [t for _, t in wanted], grad_output, create_graph=True, allow_unused=True)
+    out: list[Tensor | None] = [None, None, None]
+    for (i, _), g in zip(wanted, grads, strict=True):
+        out[i] = g
+    return tuple(out)
+
+
+# ---- autograd ------------------------------------------------------------------------------------
+
+
+def _forward_train_setup(ctx, inputs, output) -> None:
+    input, weight, bias, eps = inputs
+    _, mean, invstd, var = output
+    ctx.eps = eps
+    ctx.mark_non_differentiable(mean, invstd, var)
+    ctx.save_for_backward(input, weight, bias, mean, invstd)
+
+
+def _forward_train_backward(ctx, grad_output, grad_mean, grad_invstd, grad_var):
+    if torch.is_grad_enabled():
+        return (*_grads_by_reference(ctx, grad_output, training=True), None)
+    input, weight, _, mean, invstd = ctx.saved_tensors
+    mask = [bool(m) for m in ctx.needs_input_grad[:3]]
+    grad_input, grad_weight, grad_bias = _ops.backward(grad_output, input, mean, invstd, weight, True, mask)
+    return (
+        grad_input if mask[0] else None,
+        grad_weight if mask[1] else None,
+        grad_bias if mask[2] else None,
+        None,
+    )
+
+
+torch.library.register_autograd("bn_cuda::forward_train", _forward_train_backward, setup_context=_forward_train_setup)
+
+
+def _forward_eval_setup(ctx, inputs, output) -> None:
+    input, running_mean, running_var, weight, bias, eps = inputs
+    ctx.eps = eps
+    ctx.save_for_backward(input, weight, bias, running_mean, running_var)
+
+
+def _forward_eval_backward(ctx, grad_output):
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        raise RuntimeError("bn_cuda.forward_eval is not differentiable with respect to the running statistics")
+    if torch.is_grad_enabled():
+        grad_input, grad_weight, grad_bias = _grads_by_reference(ctx, grad_output, training=False)
+    else:
+        input, weight, _, running_mean, running_var = ctx.saved_tensors
+        invstd = torch.rsqrt(running_var.to(acc_dtype(input.dtype)) + ctx.eps)
+        mask = [bool(m) for m in (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])]
+        grad_input, grad_weight, grad_bias = _ops.backward(grad_output, input, running_mean, invstd, weight, False, mask)
+        grad_input, grad_weight, grad_bias = (g if m else None for g, m in zip((grad_input, grad_weight, grad_bias), mask))
+    return grad_input, None, None, grad_weight, grad_bias, None
+
+
+torch.library.register_autograd("bn_cuda::forward_eval", _forward_eval_backward, setup_context=_forward_eval_setup)
+
+
+def _normalize_setup(ctx, inputs, output) -> None:
+    input, mean, invstd, weight, bias = inputs
+    ctx.save_for_backward(input, mean, invstd, weight)
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _normalize_backward(ctx, grad_output):
+    # y = (x - mean) * invstd * w + b with mean and invstd as independent inputs.
+    input, mean, invstd, weight = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    acc = acc_dtype(input.dtype)
+    w = weight.to(acc) if weight is not None else torch.ones_like(invstd, dtype=acc)
+    sum_dy, sum_dy_xmu = _ops.backward_reduce(grad_output, input, mean)
+    grad_input = None
+    if needs[0]:
+        grad_input, _, _ = _ops.backward(grad_output, input, mean, invstd, weight, False, [True, False, False])
+    grad_mean = (-invstd.to(acc) * w * sum_dy).to(mean.dtype) if needs[1] else None
+    grad_invstd = (w * sum_dy_xmu).to(invstd.dtype) if needs[2] else None
+    grad_weight = (invstd.to(acc) * sum_dy_xmu).to(weight.dtype) if needs[3] else None
+    grad_bias = sum_dy.to(ctx.bias_dtype) if needs[4] else None
+    return grad_input, grad_mean, grad_invstd, grad_weight, grad_bias
+
+
+torch.library.register_autograd("bn_cuda::normalize", _normalize_backward, setup_context=_normalize_setup)
+
+
+def _stats_setup(ctx, inputs, output) -> None:
+    (input,) = inputs
+    mean, _ = output
+    ctx.save_for_backward(input, mean)
+
+
+def _stats_backward(ctx, grad_mean, grad_var):
+    # mean = sum(x) / n, var = sum((x - mean)^2) / n:
+    # dx = grad_mean / n + grad_var * 2 (x - mean) / n.
+    input, mean = ctx.saved_tensors
+    acc = acc_dtype(input.dtype)
+    shape = _channel_shape(input)
+    count = max(input.numel() // input.shape[1], 1)
+    centred = input.to(acc) - mean.reshape(shape)
+    grad = (grad_mean.reshape(shape) + 2 * grad_var.reshape(shape) * centred) / count
+    return grad.to(input.dtype)
+
+
+torch.library.register_autograd("bn_cuda::stats", _stats_backward, setup_context=_stats_setup)

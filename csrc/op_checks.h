@@ -1,0 +1,113 @@
+// Host-side argument checks and the (N, C, L) view shared by the CPU and CUDA backends.
+// Every op validates its arguments here before any kernel runs, so a wrong call raises a
+// RuntimeError a user can act on instead of reading or writing out of bounds.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+namespace bn_cuda {
+
+// Accumulation dtype: float64 for float64 input, float32 for float32 / float16 / bfloat16.
+inline at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The input seen as (N, C, L), L = prod(spatial dims), dense in `format`.
+// channels_last: memory order is (N*L rows, C columns), C innermost. Also chosen when L == 1,
+// where both orders coincide and the row view keeps C contiguous.
+struct ChannelView {
+  at::Tensor x;
+  at::MemoryFormat format;
+  bool channels_last;
+  int64_t N;
+  int64_t C;
+  int64_t L;
+  int64_t count() const { return N * L; }  // values per channel
+};
+
+inline void check_input(const at::Tensor& input, const char* op) {
+  TORCH_CHECK(input.defined(), "bn_cuda.", op, ": input is undefined");
+  TORCH_CHECK(input.dim() >= 2, "bn_cuda.", op, ": expected input with at least 2 dims (N, C, ...), got ",
+              input.dim(), "D input");
+  TORCH_CHECK(input.size(1) > 0, "bn_cuda.", op, ": expected input with at least one channel, got size ",
+              input.sizes());
+  const auto t = input.scalar_type();
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
+      "\"batch_norm\" not implemented for '", c10::toString(t), "'");
+  TORCH_CHECK(input.layout() == at::kStrided, "bn_cuda.", op, ": expected a strided (dense) input, got ",
+              input.layout());
+}
+
+inline at::MemoryFormat view_format(const at::Tensor& input) {
+  return input.dim() == 4 || input.dim() == 5 ? input.suggest_memory_format() : at::MemoryFormat::Contiguous;
+}
+
+inline ChannelView channel_view(const at::Tensor& input, const char* op) {
+  check_input(input, op);
+  ChannelView v;
+  v.format = view_format(input);
+  v.x = input.contiguous(v.format);
+  v.N = input.size(0);
+  v.C = input.size(1);
+  v.L = 1;
+  for (int64_t d = 2; d < input.dim(); ++d) v.L *= input.size(d);
+  v.channels_last = v.format != at::MemoryFormat::Contiguous || v.L == 1;
+  return v;
+}
+
+// An uninitialised tensor shaped like the input, dense in the view's memory format.
+inline at::Tensor empty_like_view(const ChannelView& v) {
+  return at::empty(v.x.sizes(), v.x.options().memory_format(v.format));
+}
+
+// grad_output checked against the input and made dense in the input's memory format, so both
+// are walked in the same order.
+inline at::Tensor grad_like_view(const at::Tensor& grad_output, const ChannelView& v, const char* op) {
+  TORCH_CHECK(grad_output.defined(), "bn_cuda.", op, ": grad_output is undefined");
+  TORCH_CHECK(grad_output.sizes() == v.x.sizes(), "bn_cuda.", op, ": grad_output has size ",
+              grad_output.sizes(), " but input has size ", v.x.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == v.x.scalar_type(), "bn_cuda.", op, ": grad_output has dtype ",
+              grad_output.scalar_type(), " but input has dtype ", v.x.scalar_type());
+  TORCH_CHECK(grad_output.device() == v.x.device(), "bn_cuda.", op, ": grad_output is on ",
+              grad_output.device(), " but input is on ", v.x.device());
+  return grad_output.contiguous(v.format);
+}
+
+// A per-channel vector argument, checked (C elements, floating, input's device) and returned as a
+// contiguous (C,) tensor in acc dtype. An absent optional one is filled with `fill`.
+inline at::Tensor channel_vector(const c10::optional<at::Tensor>& t, const char* name, const ChannelView& v,
+                                 double fill, const char* op) {
+  const auto acc = acc_type(v.x.scalar_type());
+  if (!t.has_value() || !t->defined()) {
+    return at::full({v.C}, fill, v.x.options().dtype(acc));
+  }
+  TORCH_CHECK(t->numel() == v.C, "bn_cuda.", op, ": ", name, " should contain ", v.C, " elements not ",
+              t->numel());
+  TORCH_CHECK(at::isFloatingType(t->scalar_type()), "bn_cuda.", op, ": ", name,
+              " must be a floating point tensor, got ", t->scalar_type());
+  TORCH_CHECK(t->device() == v.x.device(), "bn_cuda.", op, ": ", name, " is on ", t->device(),
+              " but input is on ", v.x.device());
+  return t->reshape({v.C}).to(acc).contiguous();
+}
+
+inline at::Tensor channel_vector(const at::Tensor& t, const char* name, const ChannelView& v, const char* op) {
+  TORCH_CHECK(t.defined(), "bn_cuda.", op, ": ", name, " is undefined");
+  return channel_vector(c10::optional<at::Tensor>(t), name, v, 0.0, op);
+}
+
+inline void check_eps(double eps, bool training, const char* op) {
+  if (training) {
+    TORCH_CHECK(eps > 0, "bn_cuda.", op, ": eps must be positive during training, got ", eps);
+  } else {
+    TORCH_CHECK(eps >= 0, "bn_cuda.", op, ": eps must be non-negative, got ", eps);
+  }
+}
+
+// Empty (0,) placeholder for an output that output_mask says is not wanted.
+inline at::Tensor not_computed(const at::TensorOptions& options) {
+  return at::empty({0}, options);
+}
+
+}  // namespace bn_cuda

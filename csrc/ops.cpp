@@ -1,0 +1,84 @@
+// The bn_cuda operator library: every schema, with its contract. Backends register kernels in
+// csrc/cpu/batch_norm.cpp and csrc/cuda/batch_norm.cu; fake kernels and autograd live in
+// bn_cuda/ops.py.
+//
+// Shapes: `input` is (N, C, *) with any strides and at least 2 dims; statistics are per channel
+// C, over the N * prod(*) values of each channel. Per-channel vectors (weight, bias, mean, invstd,
+// running stats) hold C elements and sit on the input's device.
+// Dtypes: input is float32, float64, float16 or bfloat16. "acc" below is float64 for float64
+// input and float32 otherwise. Per-channel inputs may be any floating dtype (the Python layer
+// enforces PyTorch's dtype rules); outputs that are per-channel statistics are acc.
+// Layout: outputs shaped like input use input.suggest_memory_format() with contiguous strides in
+// that format (NCHW input -> NCHW output, channels_last -> channels_last).
+// Ops are functional except update_running_stats, whose schema declares what it mutates.
+#include <Python.h>
+#include <torch/library.h>
+
+namespace {
+
+// The Python module only exists so that `import bn_cuda._C` loads this library and its
+// registrations; the ops are reached through torch.ops.bn_cuda.
+PyModuleDef bn_cuda_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+
+}  // namespace
+
+extern "C" PyObject* PyInit__C() {
+  return PyModule_Create(&bn_cuda_module);
+}
+
+TORCH_LIBRARY(bn_cuda, m) {
+  // Per-channel batch statistics. Returns (mean, var): acc dtype, shape (C,); var is biased
+  // (divided by the count). For an empty input (count 0) both are 0.
+  m.def("stats(Tensor input) -> (Tensor mean, Tensor var)");
+
+  // y = (x - mean) * invstd * weight + bias, per channel; weight/bias default to 1/0.
+  // Returns y in input's dtype and memory format.
+  m.def("normalize(Tensor input, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias) -> Tensor");
+
+  // Training forward: batch statistics fused with normalize. Returns
+  // (output, mean, invstd, var): output like input; mean, invstd = 1/sqrt(var + eps) and the
+  // biased var in acc dtype, shape (C,). eps > 0.
+  m.def(
+      "forward_train(Tensor input, Tensor? weight, Tensor? bias, float eps) "
+      "-> (Tensor output, Tensor mean, Tensor invstd, Tensor var)");
+
+  // Eval forward from running statistics: y = (x - running_mean) / sqrt(running_var + eps)
+  // * weight + bias. eps >= 0. Returns y like input.
+  m.def(
+      "forward_eval(Tensor input, Tensor running_mean, Tensor running_var, Tensor? weight, "
+      "Tensor? bias, float eps) -> Tensor");
+
+  // Backward reduction: per channel (sum dy, sum dy * (x - mean)), both acc dtype, shape (C,).
+  m.def(
+      "backward_reduce(Tensor grad_output, Tensor input, Tensor mean) "
+      "-> (Tensor sum_dy, Tensor sum_dy_xmu)");
+
+  // Backward elementwise for training statistics:
+  // dx = (dy - mean_dy - (x - mean) * invstd^2 * mean_dy_xmu) * invstd * weight, where mean_dy
+  // and mean_dy_xmu are the reductions above divided by the (possibly global) count.
+  // Returns dx like input.
+  m.def(
+      "backward_elemt(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, "
+      "Tensor mean_dy, Tensor mean_dy_xmu) -> Tensor");
+
+  // Fused backward. With training=True, mean/invstd are the batch statistics of forward_train
+  // and dx carries the terms through the statistics; with training=False they are the running
+  // mean and 1/sqrt(running_var + eps) and dx = dy * invstd * weight.
+  // Returns (grad_input, grad_weight, grad_bias): grad_input like input, grad_weight/grad_bias
+  // shape (C,) in weight's dtype (acc when weight is None). An output whose output_mask entry is
+  // false is not computed and is returned as an empty tensor of shape (0,).
+  m.def(
+      "backward(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, "
+      "bool training, bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+
+  // Running statistics update, in place, no host synchronization:
+  //   running_mean = (1 - f) * running_mean + f * mean
+  //   running_var  = (1 - f) * running_var  + f * var * count / (count - 1)
+  // with f = momentum, or f = 1 / num_batches_tracked when momentum is None (cumulative
+  // average; num_batches_tracked is an integer tensor already counting this batch). mean/var are
+  // the batch statistics of forward_train or stats (biased var); count is the number of values
+  // per channel. count == 0 leaves the running statistics unchanged; count == 1 is an error.
+  m.def(
+      "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, "
+      "Tensor var, SymInt count, float? momentum, Tensor? num_batches_tracked) -> ()");
+}

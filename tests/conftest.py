@@ -1,0 +1,35 @@
+"""Shared fixtures: the devices to run on and a float64 reference batch norm."""
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+
+# Every device-parametrized test runs on the CPU, and on CUDA when a GPU is present; the CUDA
+# cases are reported as skipped otherwise.
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]),
+]
+
+FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def reference_batch_norm(x, weight=None, bias=None, eps=1e-5, training=True, running_mean=None, running_var=None):
+    """Batch norm in float64 from its definition. Returns (y, batch_mean, batch_var_biased) in
+    float64 on x's device; in eval mode the running statistics are used instead."""
+    x64 = x.double()
+    dims = [0, *range(2, x.dim())]
+    shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+    if training:
+        mean = x64.mean(dims)
+        var = x64.var(dims, correction=0)
+    else:
+        mean = running_mean.double()
+        var = running_var.double()
+    y = (x64 - mean.view(shape)) / torch.sqrt(var.view(shape) + eps)
+    if weight is not None:
+        y = y * weight.double().view(shape)
+    if bias is not None:
+        y = y + bias.double().view(shape)
+    return y, mean, var
