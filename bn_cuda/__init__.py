@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _C  # noqa: F401  (loads the compiled kernels and registers torch.ops.bn_cuda)
-from . import functional, ops  # noqa: F401  (ops registers fake kernels and autograd)
+# _C loads the kernels and registers torch.ops.bn_cuda; ops then adds fake kernels and autograd.
+from . import _C, functional, ops  # noqa: F401
 from .functional import batch_norm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
 

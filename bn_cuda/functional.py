@@ -83,7 +83,7 @@ def check_batch_norm_args(
     if eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if input.dtype not in _SUPPORTED_DTYPES:
-        raise NotImplementedError(f'"batch_norm" not implemented for \'{_dtype_label(input.dtype)}\'')
+        raise NotImplementedError(f"\"batch_norm\" not implemented for '{_dtype_label(input.dtype)}'")
     channels = input.shape[1]
     if channels == 0:
         raise ValueError(

@@ -12,7 +12,7 @@ Differences, all deliberate:
 
 from __future__ import annotations
 
-import torch
+import torch.fx
 from torch import Tensor, nn
 
 from .functional import batch_norm_impl
@@ -20,26 +20,64 @@ from .functional import batch_norm_impl
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_model"]
 
 
+def module_batch_norm(
+    input: Tensor,
+    input_dims: tuple[int, ...],
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    track_running_stats: bool,
+    momentum: float | None,
+    eps: float,
+    num_batches_tracked: Tensor | None,
+) -> Tensor:
+    """The forward of bn_cuda.BatchNorm*d, as one function of the module's state, so that
+    torch.fx traces it as a single call (see torch.fx.wrap below)."""
+    if input.dim() not in input_dims:
+        expected = " or ".join(f"{d}D" for d in input_dims)
+        raise ValueError(f"expected {expected} input (got {input.dim()}D input)")
+    # Batch statistics in training, and in eval when there are no running statistics.
+    bn_training = training or (running_mean is None and running_var is None)
+    # Running statistics are read in eval and updated in training when they are tracked.
+    use_buffers = not training or track_running_stats
+    return batch_norm_impl(
+        input,
+        running_mean if use_buffers else None,
+        running_var if use_buffers else None,
+        weight,
+        bias,
+        bn_training,
+        momentum,
+        eps,
+        num_batches_tracked if training and track_running_stats else None,
+    )
+
+
+# torch.fx treats torch.nn modules as leaves but traces through others; recording this call as
+# one node keeps FX-based tools (feature extraction, FX quantization) working on converted models.
+torch.fx.wrap("module_batch_norm")
+
+
 class _BatchNormForward:
     """The forward shared by the three classes (combined with an nn.BatchNorm*d base)."""
 
+    _input_dims: tuple[int, ...]
+
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        # Batch statistics in training, and in eval when there are no running statistics.
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        # Running statistics are read in eval and updated in training when they are tracked.
-        use_buffers = not self.training or self.track_running_stats
-        tracked = self.num_batches_tracked if self.training and self.track_running_stats else None
-        return batch_norm_impl(
+        return module_batch_norm(
             input,
-            self.running_mean if use_buffers else None,
-            self.running_var if use_buffers else None,
+            self._input_dims,
+            self.running_mean,
+            self.running_var,
             self.weight,
             self.bias,
-            bn_training,
+            self.training,
+            self.track_running_stats,
             self.momentum,
             self.eps,
-            tracked,
+            self.num_batches_tracked,
         )
 
 
@@ -65,6 +103,7 @@ _ARGS_DOC = r"""
 
 
 class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):
+    _input_dims = (2, 3)
     __doc__ = (
         r"""Batch Normalization over a 2D or 3D input, on bn_cuda's kernels.
 
@@ -85,6 +124,7 @@ class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):
 
 
 class BatchNorm2d(_BatchNormForward, nn.BatchNorm2d):
+    _input_dims = (4,)
     __doc__ = (
         r"""Batch Normalization over a 4D input, on bn_cuda's kernels.
 
@@ -110,6 +150,7 @@ class BatchNorm2d(_BatchNormForward, nn.BatchNorm2d):
 
 
 class BatchNorm3d(_BatchNormForward, nn.BatchNorm3d):
+    _input_dims = (5,)
     __doc__ = (
         r"""Batch Normalization over a 5D input, on bn_cuda's kernels.
 

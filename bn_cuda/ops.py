@@ -185,8 +185,12 @@ def _forward_eval_backward(ctx, grad_output):
         input, weight, _, running_mean, running_var = ctx.saved_tensors
         invstd = torch.rsqrt(running_var.to(acc_dtype(input.dtype)) + ctx.eps)
         mask = [bool(m) for m in (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])]
-        grad_input, grad_weight, grad_bias = _ops.backward(grad_output, input, running_mean, invstd, weight, False, mask)
-        grad_input, grad_weight, grad_bias = (g if m else None for g, m in zip((grad_input, grad_weight, grad_bias), mask))
+        grad_input, grad_weight, grad_bias = _ops.backward(
+            grad_output, input, running_mean, invstd, weight, False, mask
+        )
+        grad_input, grad_weight, grad_bias = (
+            g if m else None for g, m in zip((grad_input, grad_weight, grad_bias), mask, strict=True)
+        )
     return grad_input, None, None, grad_weight, grad_bias, None
 
 
