@@ -292,18 +292,34 @@ at::Tensor forward_eval(const at::Tensor& input, const at::Tensor& running_mean,
                         channel_vector(bias, "bias", v, 0.0, op));
 }
 
-// Per-channel (sum dy, sum dy * (x - mean)) in double, for one channel of a channels-first view.
+// (sum dy, sum dy * (x - mean)) in double for one channel of a channels-first view, both sums
+// in one pass over each segment.
 template <typename scalar_t>
 std::pair<double, double> channel_grad_sums_ncl(const scalar_t* x, const scalar_t* dy, const ChannelView& v,
                                                 int64_t c, double mean) {
+  std::array<double, kLanes> acc_dy{}, acc_dy_xmu{};
   double sum_dy = 0, sum_dy_xmu = 0;
   for (int64_t n = 0; n < v.N; ++n) {
     const int64_t offset = (n * v.C + c) * v.L;
     const scalar_t* xs = x + offset;
     const scalar_t* dys = dy + offset;
-    sum_dy += lane_sum(v.L, [dys](int64_t i) { return static_cast<double>(dys[i]); });
-    sum_dy_xmu += lane_sum(
-        v.L, [xs, dys, mean](int64_t i) { return static_cast<double>(dys[i]) * (static_cast<double>(xs[i]) - mean); });
+    int64_t i = 0;
+    for (; i + kLanes <= v.L; i += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        const double g = static_cast<double>(dys[i + j]);
+        acc_dy[j] += g;
+        acc_dy_xmu[j] += g * (static_cast<double>(xs[i + j]) - mean);
+      }
+    }
+    for (; i < v.L; ++i) {
+      const double g = static_cast<double>(dys[i]);
+      sum_dy += g;
+      sum_dy_xmu += g * (static_cast<double>(xs[i]) - mean);
+    }
+  }
+  for (int j = 0; j < kLanes; ++j) {
+    sum_dy += acc_dy[j];
+    sum_dy_xmu += acc_dy_xmu[j];
   }
   return {sum_dy, sum_dy_xmu};
 }
@@ -453,6 +469,37 @@ at::Tensor backward_elemt(const at::Tensor& grad_output, const at::Tensor& input
                           channel_vector(mean_dy_xmu, "mean_dy_xmu", v, op));
 }
 
+// Channels-first training backward, one channel at a time: its two sums, then its dx, while the
+// channel's x and dy are still in cache. Fills grad_in and the double sum tensors.
+void fused_backward_ncl(const ChannelView& v, const at::Tensor& dy, const at::Tensor& mean,
+                        const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& grad_in,
+                        const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu) {
+  double* sdy = sum_dy.mutable_data_ptr<double>();
+  double* sdx = sum_dy_xmu.mutable_data_ptr<double>();
+  const double inv_count = 1.0 / static_cast<double>(v.count());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "bn_cuda_fused_backward_cpu", [&] {
+    using acc_t = opmath_t<scalar_t>;
+    const scalar_t* x = v.x.const_data_ptr<scalar_t>();
+    const scalar_t* g = dy.const_data_ptr<scalar_t>();
+    scalar_t* dx = grad_in.mutable_data_ptr<scalar_t>();
+    const acc_t* mean_p = mean.const_data_ptr<acc_t>();
+    const acc_t* invstd_p = invstd.const_data_ptr<acc_t>();
+    const acc_t* w_p = weight.const_data_ptr<acc_t>();
+    at::parallel_for(0, v.C, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        std::tie(sdy[c], sdx[c]) = channel_grad_sums_ncl(x, g, v, c, static_cast<double>(mean_p[c]));
+        const acc_t a = static_cast<acc_t>(sdy[c] * inv_count);
+        const acc_t k = invstd_p[c] * invstd_p[c] * static_cast<acc_t>(sdx[c] * inv_count);
+        const acc_t scale = invstd_p[c] * w_p[c];
+        for (int64_t n = 0; n < v.N; ++n) {
+          const int64_t offset = (n * v.C + c) * v.L;
+          grad_input_segment<true>(x + offset, g + offset, dx + offset, v.L, mean_p[c], a, k, scale);
+        }
+      }
+    });
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor& input,
                                                         const at::Tensor& mean, const at::Tensor& invstd,
                                                         const c10::optional<at::Tensor>& weight, bool training,
@@ -471,10 +518,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
   at::Tensor grad_in = not_computed(v.x.options());
   const bool need_sums = output_mask[1] || output_mask[2] || (training && output_mask[0]);
   if (need_sums) {
-    auto [sum_dy, sum_dy_xmu] = grad_sums(v, dy, mean_acc);
+    at::Tensor sum_dy, sum_dy_xmu;
+    const bool fused = training && output_mask[0] && !v.channels_last && v.count() > 0;
+    if (fused) {
+      grad_in = empty_like_view(v);
+      sum_dy = at::empty({v.C}, v.x.options().dtype(at::kDouble));
+      sum_dy_xmu = at::empty({v.C}, v.x.options().dtype(at::kDouble));
+      fused_backward_ncl(v, dy, mean_acc, invstd_acc, w, grad_in, sum_dy, sum_dy_xmu);
+    } else {
+      std::tie(sum_dy, sum_dy_xmu) = grad_sums(v, dy, mean_acc);
+    }
     if (output_mask[1]) grad_weight = (sum_dy_xmu * invstd_acc.to(at::kDouble)).to(param_dtype);
     if (output_mask[2]) grad_bias = sum_dy.to(param_dtype);
-    if (training && output_mask[0]) {
+    if (training && output_mask[0] && !fused) {
       const double inv_count = v.count() > 0 ? 1.0 / static_cast<double>(v.count()) : 0.0;
       grad_in = grad_input_train(v, dy, mean_acc, invstd_acc, w, (sum_dy * inv_count).to(acc),
                                  (sum_dy_xmu * inv_count).to(acc));
