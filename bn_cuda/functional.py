@@ -15,23 +15,31 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16
 _REDUCED_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _check_dtypes(input: Tensor, params: list[Tensor]) -> None:
-    """PyTorch's dtype rules: float32/float64 input takes parameters of its own dtype; float16 and
-    bfloat16 input take parameters that are all of the input's dtype or all float32."""
-    if not params:
+def _check_dtypes(input: Tensor, params: dict[str, Tensor | None], training: bool) -> None:
+    """PyTorch's dtype rules and messages. Parameters (weight, bias, running stats) share one
+    dtype: the input's, or float32 for float16/bfloat16 input."""
+    order = ("weight", "bias", "running_mean", "running_var")
+    present = [params[name] for name in order if params[name] is not None]
+    if not present:
         return
     where = "CUDA" if input.is_cuda else "CPU"
-    if input.dtype == torch.float64:
-        if any(p.dtype != torch.float64 for p in params):
+    if present[0].dtype != input.dtype:
+        # Parameters in another dtype than the input: only float32 ones, with reduced input.
+        if any(p.dtype != torch.float32 for p in present):
+            raise RuntimeError(f"mixed dtype ({where}): expect parameter to have scalar type of Float")
+        if input.dtype not in _REDUCED_DTYPES:
             raise RuntimeError(f"mixed dtype ({where}): all inputs must share same datatype.")
         return
-    allowed = (input.dtype, torch.float32) if input.dtype in _REDUCED_DTYPES else (torch.float32,)
-    if any(p.dtype not in allowed for p in params):
-        raise RuntimeError(f"mixed dtype ({where}): expect parameter to have scalar type of Float")
-    first = params[0].dtype
-    for p in params[1:]:
-        if p.dtype != first:
-            raise RuntimeError(f"expected scalar type {_dtype_name(first)} but found {_dtype_name(p.dtype)}")
+    # PyTorch reports the first parameter not in the input's dtype, in the order its kernel reads them.
+    check_order = (
+        ("weight", "running_mean", "running_var", "bias")
+        if training
+        else ("weight", "bias", "running_mean", "running_var")
+    )
+    for name in check_order:
+        p = params[name]
+        if p is not None and p.dtype != input.dtype:
+            raise RuntimeError(f"expected scalar type {_dtype_name(input.dtype)} but found {_dtype_name(p.dtype)}")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -67,8 +75,19 @@ def check_batch_norm_args(
 ) -> None:
     """Raises what torch.nn.functional.batch_norm raises for these arguments (and a clear error
     where PyTorch's is opaque: fewer than 2 dims, no channels)."""
-    if not isinstance(input, Tensor):
-        raise TypeError(f"batch_norm(): argument 'input' must be Tensor, not {type(input).__name__}")
+    # Positions as in torch.batch_norm(input, weight, bias, running_mean, running_var, ...).
+    arguments = (
+        ("input", input),
+        ("weight", weight),
+        ("bias", bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    )
+    for position, (name, t) in enumerate(arguments, start=1):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(
+                f"batch_norm(): argument '{name}' (position {position}) must be Tensor, not {type(t).__name__}"
+            )
     if input.dim() < 2:
         raise ValueError(f"expected at least 2D input (N, C, ...) (got {input.dim()}D input)")
     if training:
@@ -89,29 +108,33 @@ def check_batch_norm_args(
         raise ValueError(
             f"batch_norm needs at least one channel, got input size {input.size()} (dimension 1 is the channels)"
         )
-    if not training and running_mean is None:
-        raise RuntimeError("running_mean must be defined in evaluation mode")
+    # Checked in PyTorch's order, so that the first problem reported is the one PyTorch reports.
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is None:
+            if not training:
+                raise RuntimeError(f"{name} must be defined in evaluation mode")
+        elif t.numel() != channels:
+            raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.numel() != channels:
+            raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
-    named = [("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)]
-    present = [(name, t) for name, t in named if t is not None]
-    for name, t in present:
-        if t.numel() != channels:
-            raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
-    for name, t in present:
-        if t.device != input.device:
+    params = {"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var}
+    for name, t in params.items():
+        if t is not None and t.device != input.device:
             raise RuntimeError(
                 "Expected all tensors to be on the same device, but found at least two devices, "
                 f"{input.device} and {t.device}! ({name})"
             )
-    _check_dtypes(input, [t for _, t in present])
-    for name in ("running_mean", "running_var"):
-        t = running_mean if name == "running_mean" else running_var
-        if t is not None and t.requires_grad:
-            raise RuntimeError(
-                f"The function 'batch_norm' is not differentiable with respect to argument '{name}'. "
-                "This input cannot have requires_grad True."
-            )
+    _check_dtypes(input, params, training)
+    if torch.is_grad_enabled():
+        for name in ("running_mean", "running_var"):
+            if params[name] is not None and params[name].requires_grad:
+                raise RuntimeError(
+                    f"The function 'batch_norm' is not differentiable with respect to argument '{name}'. "
+                    "This input cannot have requires_grad True."
+                )
 
 
 def batch_norm_impl(
@@ -125,17 +148,17 @@ def batch_norm_impl(
     eps: float,
     num_batches_tracked: Tensor | None = None,
 ) -> Tensor:
-    """batch_norm with the module's extra state: when training with running statistics,
-    ``num_batches_tracked`` (if given) is incremented, and ``momentum=None`` averages the
-    running statistics cumulatively (factor 1 / num_batches_tracked, computed on the device)."""
+    """batch_norm with the module's extra state: when training, ``num_batches_tracked`` (if given)
+    is incremented, and ``momentum=None`` averages the running statistics cumulatively (factor
+    1 / num_batches_tracked, computed on the device). Nothing changes when a check fails."""
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
     if not training:
         return torch.ops.bn_cuda.forward_eval(input, running_mean, running_var, weight, bias, eps)
     output, mean, _, var = torch.ops.bn_cuda.forward_train(input, weight, bias, eps)
-    if running_mean is not None:
-        with torch.no_grad():
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
+    with torch.no_grad():
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        if running_mean is not None:
             if momentum is None and num_batches_tracked is None:
                 momentum = 0.0  # nn.BatchNorm's factor when it has no counter to average over
             count = input.numel() // input.shape[1]
@@ -178,4 +201,7 @@ def batch_norm(
     Parameters and running statistics share one dtype: the input's, or float32 for float16 and
     bfloat16 input.
     """
+    if not isinstance(momentum, (int, float)):
+        # None is nn.BatchNorm's cumulative-average switch, not a value the functional form takes.
+        raise TypeError(f"batch_norm(): argument 'momentum' (position 7) must be float, not {type(momentum).__name__}")
     return batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps)
