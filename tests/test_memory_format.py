@@ -1,0 +1,201 @@
+"""Memory layout (TESTPLAN 24-25): channels_last in, channels_last out (and grad); shapes where
+NCHW and channels_last strides coincide; grad_output in another layout than the input; permuted,
+sliced, expanded and transposed inputs. Values are PyTorch's on the same tensors, whatever the
+strides, and outputs are dense in the input's suggested memory format (csrc/ops.cpp).
+"""
+
+import pytest
+import torch
+from conftest import DEVICES, FLOAT_DTYPES, reference_batch_norm
+from torch import nn
+from torch._prims_common import suggest_memory_format
+
+import bn_cuda
+
+REDUCED = (torch.float16, torch.bfloat16)
+CL = {4: torch.channels_last, 5: torch.channels_last_3d}
+CLS = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
+
+
+def run_both(x, grad_output, training, dtype=None):
+    """Forward and backward of torch.nn's and bn_cuda's module (same parameters) on ``x`` and of
+    the float64 reference. Returns three lists [output, grad_input, grad_weight, grad_bias]."""
+    dtype = dtype or x.dtype
+    c = x.shape[1]
+    params = torch.float32 if dtype in REDUCED else dtype
+    ref = getattr(nn, CLS[x.dim()])(c, device=x.device, dtype=params)
+    with torch.no_grad():
+        ref.weight.copy_(torch.linspace(0.5, 1.5, c))
+        ref.bias.copy_(torch.linspace(-0.5, 0.5, c))
+        ref.running_mean.copy_(torch.linspace(-0.2, 0.3, c))
+        ref.running_var.copy_(torch.linspace(0.7, 1.4, c))
+    m = getattr(bn_cuda, CLS[x.dim()])(c, device=x.device, dtype=params)
+    m.load_state_dict(ref.state_dict())
+    rm, rv = ref.running_mean.clone(), ref.running_var.clone()
+    results = []
+    for module in (ref, m):
+        module.train(training)
+        xi = x.detach().requires_grad_()
+        y = module(xi)
+        # autograd.grad, not .grad: AccumulateGrad would restride x.grad like x and hide the
+        # layout the backward kernel produced.
+        grads = torch.autograd.grad(y, [xi, module.weight, module.bias], grad_output)
+        results.append([y.detach(), *grads])
+        if training:
+            results[-1] += [module.running_mean.clone(), module.running_var.clone()]
+    x64 = x.detach().double().requires_grad_()
+    w = ref.weight.detach().double().requires_grad_()
+    b = ref.bias.detach().double().requires_grad_()
+    y64, _, _ = reference_batch_norm(x64, w, b, training=training, running_mean=rm, running_var=rv)
+    y64.backward(grad_output.double())
+    results.append([y64.detach(), x64.grad, w.grad, b.grad])
+    return results
+
+
+def assert_matches_torch(x, grad_output, training):
+    """bn_cuda equals PyTorch on these exact tensors; returns bn_cuda's results."""
+    expected, actual, exact = run_both(x, grad_output, training)
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        assert a.shape == e.shape and a.dtype == e.dtype
+        if x.dtype not in REDUCED:
+            try:
+                torch.testing.assert_close(a, e)
+            except AssertionError:
+                # PyTorch's float32 sums over many values (weight/bias gradients) can drift
+                # beyond assert_close's tolerance; then bn_cuda must be the closer to float64.
+                if i >= len(exact) or (a.double() - exact[i]).abs().max() > (e.double() - exact[i]).abs().max():
+                    raise
+        elif i < len(exact):
+            ref64 = exact[i]
+            atol = 4 * torch.finfo(x.dtype).eps * max(1.0, ref64.abs().max().item())
+            err = (a.double() - ref64).abs().max().item()
+            torch_err = (e.double() - ref64).abs().max().item()
+            assert err <= 2 * torch_err + atol, f"result {i}: bn_cuda error {err}, PyTorch error {torch_err}"
+        else:  # running statistics, float32
+            torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+    return actual
+
+
+def assert_dense_in_suggested_format(t, x):
+    fmt = suggest_memory_format(x) if x.dim() in (4, 5) else torch.contiguous_format
+    assert t.is_contiguous(memory_format=fmt), (t.stride(), x.stride())
+
+
+# ---- 24: channels_last ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("training", [True, False])
+# (32, 8, 16, 16): 8192 rows of 8 channels, several of the CPU kernel's channels-last row blocks.
+@pytest.mark.parametrize("shape", [(4, 6, 5, 3), (2, 3, 4, 3, 5), (3, 40, 7, 7), (32, 8, 16, 16)])
+def test_channels_last_in_channels_last_out(device, dtype, training, shape):
+    torch.manual_seed(0)
+    fmt = CL[len(shape)]
+    x_nchw = (torch.randn(shape, device=device) * 1.5 + 0.5).to(dtype)
+    g_nchw = torch.randn(shape, device=device).to(dtype)
+    x, g = x_nchw.contiguous(memory_format=fmt), g_nchw.contiguous(memory_format=fmt)
+    y, grad_input = assert_matches_torch(x, g, training)[:2]
+    assert y.is_contiguous(memory_format=fmt)
+    assert grad_input.is_contiguous(memory_format=fmt)
+    # Same values as from the NCHW copy of the same data, up to rounding.
+    y_nchw, grad_nchw = assert_matches_torch(x_nchw, g_nchw, training)[:2]
+    assert y_nchw.is_contiguous()
+    assert grad_nchw.is_contiguous()
+    for a, b in [(y, y_nchw), (grad_input, grad_nchw)]:
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a, b, atol=4 * torch.finfo(dtype).eps * scale, rtol=0)
+
+
+# ---- 25: ambiguous shapes, mixed layouts, non-contiguous ----------------------------------------------
+
+AMBIGUOUS = [(4, 1, 9, 9), (4, 9, 1, 1), (2, 8, 8, 1), (2, 8, 1, 8)]
+LAYOUTS = [torch.contiguous_format, torch.channels_last]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", AMBIGUOUS)
+@pytest.mark.parametrize("x_format", LAYOUTS)
+@pytest.mark.parametrize("grad_format", LAYOUTS)
+def test_ambiguous_shapes(device, training, shape, x_format, grad_format):
+    """Shapes where a tensor can be contiguous in both formats, or the strides alone do not say
+    which one is meant: no silent reordering of values."""
+    torch.manual_seed(0)
+    x = torch.randn(shape, device=device).contiguous(memory_format=x_format)
+    g = torch.randn(shape, device=device).contiguous(memory_format=grad_format)
+    y, grad_input = assert_matches_torch(x, g, training)[:2]
+    assert_dense_in_suggested_format(y, x)
+    assert_dense_in_suggested_format(grad_input, x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize(("x_format", "grad_format"), [(LAYOUTS[0], LAYOUTS[1]), (LAYOUTS[1], LAYOUTS[0])])
+def test_grad_output_in_other_layout(device, dtype, training, x_format, grad_format):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 4, 6, device=device).to(dtype).contiguous(memory_format=x_format)
+    g = torch.randn(3, 5, 4, 6, device=device).to(dtype).contiguous(memory_format=grad_format)
+    grad_input = assert_matches_torch(x, g, training)[1]
+    assert grad_input.is_contiguous(memory_format=x_format)
+
+
+def non_contiguous_inputs(device):
+    """(name, tensor): inputs whose strides match neither NCHW nor channels_last."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return (torch.randn(shape, generator=g) * 2 + 1).to(device)
+
+    return {
+        "permuted-nhcw": rand(3, 4, 5, 6).permute(0, 2, 1, 3),
+        "permuted-nwhc": rand(3, 6, 4, 5).permute(0, 3, 2, 1),
+        "transposed-hw": rand(3, 5, 4, 6).transpose(2, 3),
+        "channel-slice": rand(3, 10, 4, 6)[:, ::2],
+        "spatial-slice": rand(3, 5, 6, 8)[..., 1:-1, ::2],
+        "batch-slice": rand(6, 5, 4, 6)[::2],
+        "channels-last-channel-slice": rand(3, 8, 4, 6).contiguous(memory_format=torch.channels_last)[:, 1:6],
+        "expanded-batch": rand(1, 5, 4, 6).expand(3, 5, 4, 6),
+        "1d-transposed": rand(5, 7).t(),
+        "1d-nlc": rand(3, 7, 5).transpose(1, 2),
+        "3d-permuted": rand(2, 3, 4, 5, 3).permute(0, 4, 1, 2, 3),
+    }
+
+
+NON_CONTIGUOUS = list(non_contiguous_inputs("cpu"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("name", NON_CONTIGUOUS)
+def test_non_contiguous_input(device, training, name):
+    x = non_contiguous_inputs(device)[name]
+    x_before = x.clone()
+    g = torch.randn(x.shape, device=device)
+    y, grad_input = assert_matches_torch(x, g, training)[:2]
+    assert_dense_in_suggested_format(y, x)
+    assert_dense_in_suggested_format(grad_input, x)
+    assert torch.equal(x, x_before)
+    # The same values as for a contiguous copy: nothing was read in the wrong order.
+    y_dense, grad_dense = assert_matches_torch(x.contiguous(), g.contiguous(), training)[:2]
+    torch.testing.assert_close(y, y_dense)
+    torch.testing.assert_close(grad_input, grad_dense)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("x_format", LAYOUTS)
+@pytest.mark.parametrize("grad_kind", ["expanded", "permuted", "sliced"])
+def test_non_contiguous_grad_output(device, training, x_format, grad_kind):
+    """grad_output with zero strides (what ``y.sum().backward()`` produces) or arbitrary strides."""
+    shape = (3, 5, 4, 6)
+    x = torch.randn(shape, device=device).contiguous(memory_format=x_format)
+    g = {
+        "expanded": torch.randn(1, 5, 1, 6, device=device).expand(shape),
+        "permuted": torch.randn(3, 6, 4, 5, device=device).permute(0, 3, 2, 1),
+        "sliced": torch.randn(3, 5, 8, 6, device=device)[:, :, ::2],
+    }[grad_kind]
+    assert not g.is_contiguous() and not g.is_contiguous(memory_format=torch.channels_last)
+    grad_input = assert_matches_torch(x, g, training)[1]
+    assert grad_input.is_contiguous(memory_format=x_format)

@@ -1,0 +1,212 @@
+"""Numerics (TESTPLAN 20-23): large means with small spreads, constant channels, NaN/Inf isolation,
+float16 values whose squares overflow float16, and bitwise determinism.
+"""
+
+import pytest
+import torch
+from conftest import DEVICES, reference_batch_norm
+from torch import nn
+
+import bn_cuda
+
+MEMORY_FORMATS = [torch.contiguous_format, torch.channels_last]
+
+
+def normal(shape, mean, std, device, seed=0):
+    """float32 samples of N(mean, std), drawn in float64 and rounded once."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * std + mean).float().to(device)
+
+
+# ---- 20: large means, constant channels --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mean", [0.0, 1e2, 1e4, 1e5])
+@pytest.mark.parametrize("std", [1.0, 1e-2])
+@pytest.mark.parametrize("memory_format", MEMORY_FORMATS)
+def test_large_mean_small_variance(device, mean, std, memory_format):
+    """float32 with |mean| >> std: a naive E[x^2] - E[x]^2 loses every digit of the variance here.
+    running_var (momentum=1: the unbiased batch variance) must be within 1e-4 relative of the
+    variance computed in float64 from the same float32 values."""
+    x = normal((8, 4, 16, 16), mean, std, device).contiguous(memory_format=memory_format)
+    m = bn_cuda.BatchNorm2d(4, momentum=1.0, device=device)
+    y = m(x)
+    y_ref, mean64, var64 = reference_batch_norm(x)
+    count = x.numel() // 4
+    var_unbiased = var64 * count / (count - 1)
+    rel = ((m.running_var.double() - var_unbiased).abs() / var_unbiased).max().item()
+    assert rel <= 1e-4, f"running_var relative error {rel}"
+    # The mean is only as exact as float32 allows at this magnitude.
+    torch.testing.assert_close(m.running_mean, mean64.float())
+    # The output: a float32 kernel rounds the mean to float32 before subtracting it, which costs up
+    # to half an ulp of |mean| in units of the standard deviation; allow one ulp.
+    std_data = var64.sqrt().min().item()
+    bound = torch.finfo(torch.float32).eps * (abs(mean) / std_data + 16)
+    err = (y.double() - y_ref).abs().max().item()
+    assert err <= bound, f"output error {err} > {bound}"
+    assert y.is_contiguous(memory_format=memory_format)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("value", [0.0, 3.7, -1e4 - 0.125])
+@pytest.mark.parametrize("memory_format", MEMORY_FORMATS)
+def test_constant_channel(device, dtype, value, memory_format):
+    """A channel whose values are all equal has variance 0: its output is the bias (normalized value
+    0), and the gradients are finite; the other channels are unaffected."""
+    x = torch.randn(4, 3, 5, 5, device=device).to(dtype)
+    x[:, 1] = value
+    value = x[0, 1, 0, 0].item()  # as rounded to dtype
+    x = x.contiguous(memory_format=memory_format).requires_grad_()
+    params = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    m = bn_cuda.BatchNorm2d(3, device=device, dtype=params)
+    with torch.no_grad():
+        m.bias.copy_(torch.tensor([0.0, 0.25, 0.0]))
+        m.weight.copy_(torch.tensor([1.0, 2.0, 1.0]))
+    y = m(x)
+    torch.testing.assert_close(y[:, 1], torch.full_like(y[:, 1], 0.25), atol=1e-5, rtol=0)
+    assert m.running_var[1].item() == pytest.approx(0.9, abs=1e-6)
+    torch.testing.assert_close(
+        m.running_mean[1].double(), torch.tensor(0.1 * value, dtype=torch.float64, device=device)
+    )
+    grad_output = torch.randn_like(y)
+    y.backward(grad_output)
+    assert torch.isfinite(x.grad).all()
+    assert torch.isfinite(m.weight.grad).all() and torch.isfinite(m.bias.grad).all()
+    # The reference gradient of a zero-variance channel is dy * weight / sqrt(eps) minus its mean.
+    g = grad_output[:, 1].double()
+    expected = (g - g.mean()) * 2.0 / (1e-5) ** 0.5
+    rel = {torch.float64: 1e-9, torch.float32: 1e-5}.get(dtype, 1e-2)
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(x.grad[:, 1].double(), expected, atol=rel * scale, rtol=rel)
+
+
+# ---- 21: NaN and Inf stay in their channel ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("memory_format", MEMORY_FORMATS)
+@pytest.mark.parametrize("shape", [(4, 5, 3, 3), (64, 6, 8, 8)])
+def test_non_finite_value_poisons_only_its_channel(device, bad, memory_format, shape):
+    """One NaN/Inf in channel 2: that channel's output and statistics are not finite; every other
+    channel's output, statistics and gradients are finite and equal to PyTorch's (the larger shape
+    spans several of the CPU kernel's row blocks, whose partials are merged)."""
+    x = normal(shape, 0.5, 2.0, device)
+    x[shape[0] // 2, 2, 1, 1] = bad
+    x = x.contiguous(memory_format=memory_format)
+    ref, m = nn.BatchNorm2d(shape[1], device=device), bn_cuda.BatchNorm2d(shape[1], device=device)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    y, y_ref = m(xs[0]), ref(xs[1])
+    grad_output = normal(shape, 0.0, 1.0, device, seed=1)
+    y.backward(grad_output)
+    y_ref.backward(grad_output)
+    ok = [c for c in range(shape[1]) if c != 2]
+    assert not torch.isfinite(y[:, 2]).any()
+    assert not torch.isfinite(m.running_mean[2]) or not torch.isfinite(m.running_var[2])
+    for actual, expected in [
+        (y[:, ok], y_ref[:, ok]),
+        (xs[0].grad[:, ok], xs[1].grad[:, ok]),
+        (m.running_mean[ok], ref.running_mean[ok]),
+        (m.running_var[ok], ref.running_var[ok]),
+        (m.weight.grad[ok], ref.weight.grad[ok]),
+        (m.bias.grad[ok], ref.bias.grad[ok]),
+    ]:
+        assert torch.isfinite(actual).all()
+        torch.testing.assert_close(actual, expected)
+    # Eval with a poisoned running statistic: again only that channel.
+    m.eval()
+    y = m(normal(shape, 0.0, 1.0, device, seed=2))
+    assert torch.isfinite(y[:, ok]).all()
+
+
+# ---- 22: float16 values whose squares overflow -----------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("params", [torch.float16, torch.float32])
+@pytest.mark.parametrize("memory_format", MEMORY_FORMATS)
+@pytest.mark.parametrize("training", [True, False])
+def test_float16_values_near_300(device, params, memory_format, training):
+    """300^2 = 9e4 > 65504 (float16's max): statistics must be accumulated in float32 or wider.
+    Output, gradients and running statistics finite and as close to the float64 reference as
+    PyTorch's."""
+    shape = (8, 3, 6, 6)
+    x = normal(shape, 300.0, 4.0, device).half().contiguous(memory_format=memory_format)
+    ref = nn.BatchNorm2d(3, device=device, dtype=params)
+    with torch.no_grad():
+        ref.running_mean.fill_(299.0)
+        ref.running_var.fill_(15.0)
+    m = bn_cuda.BatchNorm2d(3, device=device, dtype=params)
+    m.load_state_dict(ref.state_dict())
+    m.train(training)
+    ref.train(training)
+    stats_before = (ref.running_mean.clone(), ref.running_var.clone())
+    xs = [x.clone().requires_grad_() for _ in range(3)]
+    y, y_ref = m(xs[0]), ref(xs[1])
+    y64, mean64, var64 = reference_batch_norm(
+        xs[2].double(), training=training, running_mean=stats_before[0], running_var=stats_before[1]
+    )
+    grad_output = normal(shape, 0.0, 1.0, device, seed=1).half()
+    y.backward(grad_output)
+    y_ref.backward(grad_output)
+    y64.backward(grad_output.double())
+    assert y.dtype == torch.float16
+    for actual, expected, exact in [(y, y_ref, y64), (xs[0].grad, xs[1].grad, xs[2].grad)]:
+        assert torch.isfinite(actual).all()
+        scale = max(1.0, exact.abs().max().item())
+        err = (actual.double() - exact).abs().max().item()
+        torch_err = (expected.double() - exact).abs().max().item()
+        assert err <= 2 * torch_err + 4 * torch.finfo(torch.float16).eps * scale, (err, torch_err)
+    assert torch.isfinite(m.running_mean).all() and torch.isfinite(m.running_var).all()
+    if training:
+        count = x.numel() // 3
+        expected_mean = 0.9 * stats_before[0].double() + 0.1 * mean64
+        expected_var = 0.9 * stats_before[1].double() + 0.1 * var64 * count / (count - 1)
+        tol = {"atol": 0.0, "rtol": 2 * torch.finfo(params).eps}
+        torch.testing.assert_close(m.running_mean.double(), expected_mean, **tol)
+        torch.testing.assert_close(m.running_var.double(), expected_var, **tol)
+
+
+# ---- 23: determinism -------------------------------------------------------------------------------------
+
+
+def _forward_backward(device, dtype, memory_format, training, threads=None):
+    x = normal((16, 8, 24, 24), 1.0, 3.0, device).to(dtype).contiguous(memory_format=memory_format)
+    x.requires_grad_()
+    params = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    m = bn_cuda.BatchNorm2d(8, device=device, dtype=params).train(training)
+    with torch.no_grad():
+        m.weight.copy_(torch.linspace(0.5, 2, 8))
+        m.running_var.fill_(2.0)
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        y = m(x)
+        y.backward(normal(y.shape, 0.0, 1.0, device, seed=1).to(dtype))
+    finally:
+        torch.set_num_threads(previous)
+    return [y, x.grad, m.weight.grad, m.bias.grad, m.running_mean, m.running_var]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("memory_format", MEMORY_FORMATS)
+@pytest.mark.parametrize("training", [True, False])
+def test_identical_calls_are_bitwise_identical(device, dtype, memory_format, training):
+    first = _forward_backward(device, dtype, memory_format, training)
+    second = _forward_backward(device, dtype, memory_format, training)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("memory_format", MEMORY_FORMATS)
+def test_cpu_result_does_not_depend_on_thread_count(memory_format):
+    """The CPU kernels split work into fixed blocks merged in a fixed order, so the thread count
+    does not change a single bit."""
+    one = _forward_backward("cpu", torch.float32, memory_format, True, threads=1)
+    many = _forward_backward("cpu", torch.float32, memory_format, True, threads=max(2, torch.get_num_threads()))
+    for a, b in zip(one, many, strict=True):
+        assert torch.equal(a, b)
