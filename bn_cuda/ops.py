@@ -46,35 +46,64 @@ def _reduce_dims(x: Tensor) -> list[int]:
 
 
 # ---- fake kernels -------------------------------------------------------------------------------
+# A call with any tensor on the meta device is routed here even when the others are real, so
+# these check devices like the real kernels do instead of returning uninitialised outputs.
+
+
+def _check_devices(op: str, anchor_name: str, anchor: Tensor, **tensors: Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None:
+            torch._check(
+                t.device == anchor.device,
+                lambda name=name, t=t: f"bn_cuda.{op}: {name} is on {t.device} but {anchor_name} is on {anchor.device}",
+            )
 
 
 @torch.library.register_fake("bn_cuda::stats")
 def _stats_fake(input: Tensor) -> tuple[Tensor, Tensor]:
-    return _channel_stat(input), _channel_stat(input)
+    stat = input.new_empty((input.shape[1],), dtype=torch.float64)
+    return stat, stat.clone()
 
 
 @torch.library.register_fake("bn_cuda::normalize")
 def _normalize_fake(input, mean, invstd, weight, bias) -> Tensor:
+    _check_devices("normalize", "input", input, mean=mean, invstd=invstd, weight=weight, bias=bias)
     return _empty_like_input(input)
 
 
 @torch.library.register_fake("bn_cuda::forward_train")
 def _forward_train_fake(input, weight, bias, eps) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_devices("forward_train", "input", input, weight=weight, bias=bias)
     return _empty_like_input(input), _channel_stat(input), _channel_stat(input), _channel_stat(input)
 
 
 @torch.library.register_fake("bn_cuda::forward_eval")
 def _forward_eval_fake(input, running_mean, running_var, weight, bias, eps) -> Tensor:
+    _check_devices(
+        "forward_eval", "input", input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
+    )
     return _empty_like_input(input)
 
 
 @torch.library.register_fake("bn_cuda::backward_reduce")
 def _backward_reduce_fake(grad_output, input, mean) -> tuple[Tensor, Tensor]:
+    _check_devices("backward_reduce", "input", input, grad_output=grad_output, mean=mean)
     return _channel_stat(input), _channel_stat(input)
 
 
 @torch.library.register_fake("bn_cuda::backward_elemt")
 def _backward_elemt_fake(grad_output, input, mean, invstd, weight, mean_dy, mean_dy_xmu) -> Tensor:
+    _check_devices(
+        "backward_elemt",
+        "input",
+        input,
+        grad_output=grad_output,
+        mean=mean,
+        invstd=invstd,
+        weight=weight,
+        mean_dy=mean_dy,
+        mean_dy_xmu=mean_dy_xmu,
+    )
     return _empty_like_input(input)
 
 
@@ -82,6 +111,7 @@ def _backward_elemt_fake(grad_output, input, mean, invstd, weight, mean_dy, mean
 def _backward_fake(
     grad_output, input, mean, invstd, weight, training: bool, output_mask: Sequence[bool]
 ) -> tuple[Tensor, Tensor, Tensor]:
+    _check_devices("backward", "input", input, grad_output=grad_output, mean=mean, invstd=invstd, weight=weight)
     param_dtype = weight.dtype if weight is not None else acc_dtype(input.dtype)
     channels = input.shape[1]
     grad_input = _empty_like_input(input) if output_mask[0] else input.new_empty((0,))
@@ -92,7 +122,15 @@ def _backward_fake(
 
 @torch.library.register_fake("bn_cuda::update_running_stats")
 def _update_running_stats_fake(running_mean, running_var, mean, var, count, momentum, num_batches_tracked) -> None:
-    return None
+    _check_devices(
+        "update_running_stats",
+        "mean",
+        mean,
+        running_mean=running_mean,
+        running_var=running_var,
+        var=var,
+        num_batches_tracked=num_batches_tracked,
+    )
 
 
 # ---- differentiable reference (double backward) ------------------------------------------------
@@ -127,13 +165,16 @@ def batch_norm_reference(
     return y.to(input.dtype)
 
 
-def _grads_by_reference(ctx, grad_output: Tensor, training: bool) -> tuple[Tensor | None, ...]:
-    """Gradients of batch_norm_reference, themselves differentiable (create_graph=True).
-    ctx holds (input, weight, bias, a, b) with (a, b) the running statistics in eval mode."""
+def _grads_by_reference(
+    ctx, grad_output: Tensor, training: bool, needs: tuple[bool, bool, bool]
+) -> tuple[Tensor | None, ...]:
+    """Gradients of batch_norm_reference for (input, weight, bias) where ``needs`` says so,
+    themselves differentiable (create_graph=True). ctx holds (input, weight, bias, a, b) with
+    (a, b) the running statistics in eval mode."""
     input, weight, bias, running_mean, running_var = ctx.saved_tensors
     if training:
         running_mean = running_var = None
-    wanted = [(i, t) for i, t in enumerate((input, weight, bias)) if ctx.needs_input_grad[i] and t is not None]
+    wanted = [(i, t) for i, t in enumerate((input, weight, bias)) if needs[i] and t is not None]
     y = batch_norm_reference(input, weight, bias, ctx.eps, training, running_mean, running_var)
     grads = torch.autograd.grad(y, [t for _, t in wanted], grad_output, create_graph=True, allow_unused=True)
     out: list[Tensor | None] = [None, None, None]
@@ -155,7 +196,7 @@ def _forward_train_setup(ctx, inputs, output) -> None:
 
 def _forward_train_backward(ctx, grad_output, grad_mean, grad_invstd, grad_var):
     if torch.is_grad_enabled():
-        return (*_grads_by_reference(ctx, grad_output, training=True), None)
+        return (*_grads_by_reference(ctx, grad_output, True, ctx.needs_input_grad[:3]), None)
     input, weight, _, mean, invstd = ctx.saved_tensors
     mask = [bool(m) for m in ctx.needs_input_grad[:3]]
     grad_input, grad_weight, grad_bias = _ops.backward(grad_output, input, mean, invstd, weight, True, mask)
@@ -180,7 +221,10 @@ def _forward_eval_backward(ctx, grad_output):
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
         raise RuntimeError("bn_cuda.forward_eval is not differentiable with respect to the running statistics")
     if torch.is_grad_enabled():
-        grad_input, grad_weight, grad_bias = _grads_by_reference(ctx, grad_output, training=False)
+        needs = ctx.needs_input_grad
+        grad_input, grad_weight, grad_bias = _grads_by_reference(
+            ctx, grad_output, False, (needs[0], needs[3], needs[4])
+        )
     else:
         input, weight, _, running_mean, running_var = ctx.saved_tensors
         invstd = torch.rsqrt(running_var.to(acc_dtype(input.dtype)) + ctx.eps)
@@ -207,6 +251,8 @@ def _normalize_backward(ctx, grad_output):
     # y = (x - mean) * invstd * w + b with mean and invstd as independent inputs.
     input, mean, invstd, weight = ctx.saved_tensors
     needs = ctx.needs_input_grad
+    if torch.is_grad_enabled():
+        return _normalize_grads_by_reference(ctx, grad_output)
     acc = acc_dtype(input.dtype)
     w = weight.to(acc) if weight is not None else torch.ones_like(invstd, dtype=acc)
     sum_dy, sum_dy_xmu = _ops.backward_reduce(grad_output, input, mean)
@@ -218,6 +264,27 @@ def _normalize_backward(ctx, grad_output):
     grad_weight = (invstd.to(acc) * sum_dy_xmu).to(weight.dtype) if needs[3] else None
     grad_bias = sum_dy.to(ctx.bias_dtype) if needs[4] else None
     return grad_input, grad_mean, grad_invstd, grad_weight, grad_bias
+
+
+def _normalize_grads_by_reference(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+    """Gradients of normalize from differentiable PyTorch ops (double backward)."""
+    input, mean, invstd, weight = ctx.saved_tensors
+    acc = acc_dtype(input.dtype)
+    shape = _channel_shape(input)
+    inputs = (input, mean, invstd, weight)
+    wanted = [i for i, t in enumerate(inputs) if ctx.needs_input_grad[i] and t is not None]
+    y = (input.to(acc) - mean.to(acc).reshape(shape)) * invstd.to(acc).reshape(shape)
+    if weight is not None:
+        y = y * weight.to(acc).reshape(shape)
+    grads = torch.autograd.grad(
+        y, [inputs[i] for i in wanted], grad_output.to(acc), create_graph=True, allow_unused=True
+    )
+    out: list[Tensor | None] = [None] * 5
+    for i, g in zip(wanted, grads, strict=True):
+        out[i] = g.to(inputs[i].dtype) if g is not None else None
+    if ctx.needs_input_grad[4]:
+        out[4] = grad_output.to(acc).sum(_reduce_dims(input)).to(ctx.bias_dtype)
+    return tuple(out)
 
 
 torch.library.register_autograd("bn_cuda::normalize", _normalize_backward, setup_context=_normalize_setup)

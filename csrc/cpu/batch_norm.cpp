@@ -176,9 +176,8 @@ void affine(const ChannelView& v, const at::Tensor& y, const acc_t* mean, const 
   }
 }
 
-// Per-channel statistics as (mean, var) tensors in acc dtype; biased var.
+// Per-channel statistics as (mean, var) float64 tensors; biased var.
 std::tuple<at::Tensor, at::Tensor> compute_stats(const ChannelView& v) {
-  const auto acc = acc_type(v.x.scalar_type());
   auto mean = at::zeros({v.C}, v.x.options().dtype(at::kDouble));
   auto var = at::zeros({v.C}, v.x.options().dtype(at::kDouble));
   if (v.count() > 0) {
@@ -203,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor> compute_stats(const ChannelView& v) {
       }
     });
   }
-  return {mean.to(acc), var.to(acc)};
+  return {mean, var};
 }
 
 std::tuple<at::Tensor, at::Tensor> stats(const at::Tensor& input) {
@@ -243,9 +242,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_train(const a
   const at::Tensor b = channel_vector(bias, "bias", v, 0.0, op);
   const auto acc = acc_type(v.x.scalar_type());
   if (v.channels_last || v.count() == 0) {
-    auto [mean, var] = compute_stats(v);
-    at::Tensor invstd = (var.to(at::kDouble) + eps).rsqrt().to(acc);
-    return {normalize_with(v, mean, invstd, w, b), mean, invstd, var};
+    auto [mean64, var64] = compute_stats(v);
+    const at::Tensor mean = mean64.to(acc);
+    const at::Tensor invstd = (var64 + eps).rsqrt().to(acc);
+    return {normalize_with(v, mean, invstd, w, b), mean, invstd, var64.to(acc)};
   }
   // Channels-first: statistics and normalization of one channel back to back, while it is hot.
   at::Tensor y = empty_like_view(v);
