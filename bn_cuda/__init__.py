@@ -4,6 +4,7 @@
 >>> bn = bn_cuda.BatchNorm2d(64)                  # same constructor as nn.BatchNorm2d
 >>> model = bn_cuda.convert_model(model)          # swaps every nn.BatchNorm*d, keeps weights
 >>> y = bn_cuda.functional.batch_norm(x, rm, rv, w, b, training=True)
+>>> model = bn_cuda.convert_model(model, sync=True)   # SyncBatchNorm for multi-process training
 """
 
 from __future__ import annotations
@@ -14,9 +15,19 @@ import torch
 from . import _C, functional, ops  # noqa: F401
 from .functional import batch_norm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
+from .sync_batchnorm import SyncBatchNorm
 
 __version__ = "0.1.0"
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "build_info", "convert_model", "functional"]
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "SyncBatchNorm",
+    "batch_norm",
+    "build_info",
+    "convert_model",
+    "functional",
+]
 
 
 def build_info() -> dict[str, object]:

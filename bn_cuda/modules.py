@@ -12,10 +12,13 @@ Differences, all deliberate:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.fx
 from torch import Tensor, nn
 
 from .functional import batch_norm_impl
+from .sync_batchnorm import SyncBatchNorm
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_model"]
 
@@ -177,7 +180,7 @@ _REPLACEMENTS: dict[type[nn.Module], type[nn.Module]] = {
 }
 
 
-def convert_model(module: nn.Module) -> nn.Module:
+def convert_model(module: nn.Module, sync: bool = False, process_group: Any | None = None) -> nn.Module:
     """Make every ``nn.BatchNorm1d/2d/3d`` in ``module`` (itself included) a bn_cuda module.
 
     The conversion is in place and keeps everything: the same parameter and buffer tensors (an
@@ -185,9 +188,19 @@ def convert_model(module: nn.Module) -> nn.Module:
     attributes. Only modules whose type is exactly nn.BatchNorm1d/2d/3d are converted;
     subclasses (user-defined, SyncBatchNorm, lazy modules) are left as they are.
 
+    With ``sync=True``, every batch-norm layer (nn or bn_cuda BatchNorm1d/2d/3d, nn.SyncBatchNorm)
+    becomes a new :class:`bn_cuda.SyncBatchNorm` over ``process_group`` (default: the whole world)
+    holding the same parameter and buffer tensors, as
+    :meth:`bn_cuda.SyncBatchNorm.convert_sync_batchnorm` does. A batch-norm ``module`` itself is
+    then replaced, not converted in place: use the return value.
+
     Returns:
-        ``module``, for chaining: ``model = bn_cuda.convert_model(model)``.
+        ``module`` (or its replacement), for chaining: ``model = bn_cuda.convert_model(model)``.
     """
+    if sync:
+        return SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+    if process_group is not None:
+        raise ValueError("convert_model: process_group is only used with sync=True")
     for m in module.modules():
         replacement = _REPLACEMENTS.get(type(m))
         if replacement is not None:

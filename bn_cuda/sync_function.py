@@ -1,0 +1,212 @@
+"""The autograd Function behind bn_cuda.SyncBatchNorm: batch statistics shared by a process group.
+
+Forward: every rank reduces its local batch with ``torch.ops.bn_cuda.stats`` to (count, mean,
+M2), the ranks exchange these in one all-gather, and every rank merges the gathered rows the
+same way in float64, so all ranks normalize with, and store as running statistics, bitwise the
+same numbers. (count, mean, M2) is exchanged rather than (mean, invstd): invstd is a rounded
+function of the variance, and rebuilding M2 from it loses the precision Chan's merge keeps.
+
+Backward: every rank reduces (sum dy, sum dy * (x - mean)) locally with
+``torch.ops.bn_cuda.backward_reduce``, one all-reduce sums them over the group, and
+``torch.ops.bn_cuda.backward_elemt`` gives dx from the group means. grad_weight and grad_bias
+are this rank's sums, as with torch.nn.SyncBatchNorm: DistributedDataParallel averages them
+over ranks like every other parameter's gradient.
+
+Ranks whose local batch is empty take part in both collectives with a neutral contribution
+(count 0), so no rank waits for them forever.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .ops import acc_dtype
+
+__all__ = [
+    "SyncBatchNormFunction",
+    "gather_stats",
+    "local_stats",
+    "merge_stats",
+    "sync_batch_norm",
+    "update_running_stats",
+]
+
+_ops = torch.ops.bn_cuda
+
+# torch >= 2.7 names the tensor all-gather all_gather_single; older versions all_gather_into_tensor.
+_all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def local_stats(input: Tensor) -> Tensor:
+    """This rank's statistics packed for the exchange: float64 ``[count, mean (C), M2 (C)]``.
+
+    ``stats`` returns the mean and biased variance in float64 whatever the input dtype: a mean
+    rounded to float32 near 1e4 would be off by up to 5e-4, and the merge adds count times the
+    square of that error to M2. An empty input gives count 0 and zeros, which the merge ignores.
+    """
+    count = input.numel() // input.shape[1]
+    mean, var = _ops.stats(input)
+    mean64, var64 = mean.to(torch.float64), var.to(torch.float64)
+    count_t = torch.full((1,), count, dtype=torch.float64, device=input.device)
+    return torch.cat([count_t, mean64, var64 * count])
+
+
+def gather_stats(packed: Tensor, group: dist.ProcessGroup, world_size: int) -> Tensor:
+    """All ranks' packed statistics, one collective: a (world_size, 2C + 1) tensor in rank order."""
+    # The flat (concatenated) output form: gloo accepts only that one.
+    gathered = packed.new_empty(world_size * packed.numel())
+    _all_gather_tensor(gathered, packed, group=group)
+    return gathered.view(world_size, packed.numel())
+
+
+def merge_stats(gathered: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Chan's merge of the rows of ``gathered`` (rows of ``[count, mean (C), M2 (C)]``, float64).
+
+    Returns (count, mean, var): float64, count of shape (1,), mean and the biased var of shape
+    (C,). The k-way form of Chan's pairwise merge: mean = sum(n_i mean_i) / n and
+    M2 = sum(M2_i) + sum(n_i (mean_i - mean)^2). Rows with count 0 add nothing; if every count is
+    0, mean and var are 0. The same rows in the same order give bitwise the same result on every
+    rank.
+    """
+    channels = (gathered.shape[1] - 1) // 2
+    counts = gathered[:, :1]
+    means = gathered[:, 1 : channels + 1]
+    m2s = gathered[:, channels + 1 :]
+    total = counts.sum(0)
+    denom = total.clamp(min=1)
+    mean = (counts * means).sum(0) / denom
+    m2 = m2s.sum(0) + (counts * (means - mean).square()).sum(0)
+    return total, mean, m2 / denom
+
+
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: Tensor,
+    host_count: int | None,
+    momentum: float | None,
+    num_batches_tracked: Tensor | None,
+) -> None:
+    """``torch.ops.bn_cuda.update_running_stats`` with the group's statistics (mean and biased
+    var), whose count, a (1,) float64 tensor, is known only after the exchange.
+
+    With ``host_count`` (the count already read on the host: free for CPU tensors) the op gets
+    it as its int. Without, nothing is read on the host: the op uses its count only in the
+    unbiasing factor count / (count - 1), so count=2 (factor exactly 2) with half the unbiased
+    variance gives exactly the unbiased variance. A group count of 0 then keeps the running
+    statistics (up to rounding for float64 buffers); a group count of 1 makes running_var NaN,
+    as with torch.nn.SyncBatchNorm, because raising would need the host read this path avoids.
+    """
+    if host_count is not None:
+        _ops.update_running_stats(running_mean, running_var, mean, var, host_count, momentum, num_batches_tracked)
+        return
+    has_values = count > 0
+    unbiased = var * count / (count - 1)
+    half_var = torch.where(has_values, unbiased, running_var.to(var.dtype)) / 2
+    mean = torch.where(has_values, mean, running_mean.to(mean.dtype))
+    _ops.update_running_stats(running_mean, running_var, mean, half_var, 2, momentum, num_batches_tracked)
+
+
+class SyncBatchNormFunction(torch.autograd.Function):
+    """Training-mode batch norm over the union of the local batches of ``group``.
+
+    Inputs: (input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+    group, world_size); the running statistics (when not None) are updated in place with the
+    group's mean and unbiased variance, identically on every rank. Arguments are checked by the
+    caller (bn_cuda.SyncBatchNorm). Differentiable once, with respect to input, weight and bias.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        input: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        num_batches_tracked: Tensor | None,
+        momentum: float | None,
+        eps: float,
+        group: dist.ProcessGroup,
+        world_size: int,
+    ) -> Tensor:
+        gathered = gather_stats(local_stats(input), group, world_size)
+        count, mean64, var64 = merge_stats(gathered)
+        # CPU tensors: reading the count costs nothing (gloo has already synchronized), and it
+        # lets a group holding a single value per channel fail the way nn.BatchNorm does.
+        host_count = int(count.item()) if count.device.type == "cpu" else None
+        if host_count == 1:
+            raise ValueError(
+                "Expected more than 1 value per channel when training, got 1 value per channel over the "
+                f"process group (local input size {input.size()})"
+            )
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        if running_mean is not None and running_var is not None:
+            if momentum is None and num_batches_tracked is None:
+                momentum = 0.0  # nn.BatchNorm's factor when there is no counter to average over
+            update_running_stats(
+                running_mean,
+                running_var,
+                mean64,
+                var64,
+                count,
+                host_count,
+                momentum,
+                num_batches_tracked if momentum is None else None,
+            )
+        acc = acc_dtype(input.dtype)
+        mean = mean64.to(acc)
+        invstd = (var64 + eps).rsqrt().to(acc)
+        output = _ops.normalize(input, mean, invstd, weight, bias)
+        ctx.save_for_backward(input, weight, mean, invstd, count)
+        ctx.group = group
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        input, weight, mean, invstd, count = ctx.saved_tensors
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        channels = input.shape[1]
+        sum_dy, sum_dy_xmu = _ops.backward_reduce(grad_output, input, mean)
+        grad_input = None
+        # Every rank of the group takes this branch or none does (the same model on each), so
+        # skipping the collective when no input gradient is wanted cannot leave a peer waiting.
+        if need_input:
+            sums = torch.cat([sum_dy, sum_dy_xmu]).to(torch.float64)
+            dist.all_reduce(sums, group=ctx.group)
+            group_means = (sums / count.clamp(min=1)).to(mean.dtype)
+            mean_dy, mean_dy_xmu = group_means[:channels], group_means[channels:]
+            grad_input = _ops.backward_elemt(grad_output, input, mean, invstd, weight, mean_dy, mean_dy_xmu)
+        # Local sums, as torch.nn.SyncBatchNorm: explicit zeros on an empty rank (not None), so
+        # DistributedDataParallel sees a gradient for every parameter on every rank.
+        grad_weight = (sum_dy_xmu * invstd).to(weight.dtype) if need_weight else None
+        grad_bias = sum_dy.to(ctx.bias_dtype) if need_bias else None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+def sync_batch_norm(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+    eps: float,
+    group: dist.ProcessGroup,
+    world_size: int,
+) -> Tensor:
+    """Training batch norm with statistics over ``group`` (see SyncBatchNormFunction)."""
+    return SyncBatchNormFunction.apply(
+        input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, group, world_size
+    )
