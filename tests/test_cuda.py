@@ -33,8 +33,9 @@ SMALL_SHAPES = [
     (1, 6, 1, 3),  # N*H*W = 3 with H*W = 3
     (2, 1, 3, 3),  # C = 1
     (8, 16, 8, 8),  # packs of 16 bytes in both formats
-    (16, 4, 32, 32),  # few channels, many values: a channel split over blocks + the merge kernel
+    (16, 4, 32, 32),  # few channels, many values: channels-last split over blocks + the merge kernel
 ]
+# NCHW channels split over blocks need more values per channel: see test_small_split_channels.
 
 # Error allowed on top of twice PyTorch's own error, relative to the magnitude of the values.
 ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -334,6 +335,50 @@ def test_small_many_rows(dtype, shape):
     assert_as_accurate(dx, dx_t, dx_ref, dtype, "grad_input")
     assert_as_accurate(ours.weight.grad, theirs.weight.grad, dw_ref, dtype, "grad_weight")
     assert_as_accurate(ours.bias.grad, theirs.bias.grad, db_ref, dtype, "grad_bias")
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        # NCHW: 2 to 5 blocks per channel in every dtype, vectorized; channels-last: 5 to 18 blocks
+        # per channel with 16-byte packs (C = 8 is a multiple of every pack width).
+        (16, 8, 48, 48),
+        # 40 blocks per channel channels-last in float32/float16/bfloat16 (more than 32, so lanes of
+        # merge_partials_kernel fold several partials before the warp tree); NCHW 5 to 20.
+        (40, 2, 64, 64),
+    ],
+    ids=shape_id,
+)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_small_split_channels(dtype, channels_last, shape):
+    """Channels shared by several blocks (per-block partials merged by a second kernel) in both
+    memory orders; SMALL_SHAPES split only channels-last channels in float32 and float16, so without
+    this the NCHW split path would not run under compute-sanitizer. The block counts above follow
+    from launch_policy.h's work per thread; any GPU with 20 or more SMs has room for them."""
+    x = make_x(shape, dtype, channels_last)
+    dy = make_x(shape, dtype, channels_last, seed=1, mean=0.0, std=1.0)
+    weight, bias = make_affine(shape[1], param_dtype(dtype))
+    y, mean, invstd, var = ops.forward_train(x, weight, bias, EPS)
+    grads = ops.backward(dy, x, mean, invstd, weight, True, [True, True, True])
+    stats_mean, stats_var = ops.stats(x)
+
+    xt, wt, bt = (t.detach().clone().requires_grad_() for t in (x, weight, bias))
+    y_t = F.batch_norm(xt, None, None, wt, bt, training=True, eps=EPS)
+    y_t.backward(dy)
+    y_ref, mean64, var64 = reference_batch_norm(x, weight, bias, EPS)
+    grads_ref = reference_grads(x, weight, bias, dy, training=True)[1:]
+    assert_as_accurate(y, y_t.detach(), y_ref, dtype, "output")
+    for name, g, g_t, g_ref in zip(
+        ("grad_input", "grad_weight", "grad_bias"), grads, (xt.grad, wt.grad, bt.grad), grads_ref, strict=True
+    ):
+        assert_as_accurate(g, g_t, g_ref, dtype, name)
+    tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(mean.double(), mean64, **tol)
+    torch.testing.assert_close(var.double(), var64, **tol)
+    # stats runs the same reduction with float64 outputs: forward_train's values rounded to acc.
+    assert stats_mean.dtype == stats_var.dtype == torch.float64
+    assert torch.equal(stats_mean.to(mean.dtype), mean) and torch.equal(stats_var.to(var.dtype), var)
 
 
 # ---- numerics (TESTPLAN 20-23) ------------------------------------------------------------------------

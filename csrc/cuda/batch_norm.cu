@@ -82,8 +82,9 @@ Tensor normalize(const Tensor& input, const Tensor& mean, const Tensor& invstd, 
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_train(const Tensor& input, const optional<Tensor>& weight,
                                                          const optional<Tensor>& bias, double eps) {
   const char* op = "forward_train";
-  check_eps(eps, /*training=*/true, op);
   const ChannelView v = cuda_view(input, op);
+  // eps after the input, in the CPU backend's order, so both backends report the same first error.
+  check_eps(eps, /*training=*/true, op);
   const c10::cuda::CUDAGuard guard(v.x.device());
   const Tensor weight_c = optional_channel_vector(weight, "weight", v, op);
   const Tensor bias_c = optional_channel_vector(bias, "bias", v, op);
@@ -104,8 +105,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_train(const Tensor& input, co
 Tensor forward_eval(const Tensor& input, const Tensor& running_mean, const Tensor& running_var,
                     const optional<Tensor>& weight, const optional<Tensor>& bias, double eps) {
   const char* op = "forward_eval";
-  check_eps(eps, /*training=*/false, op);
   const ChannelView v = cuda_view(input, op);
+  // eps after the input, in the CPU backend's order, so both backends report the same first error.
+  check_eps(eps, /*training=*/false, op);
   const c10::cuda::CUDAGuard guard(v.x.device());
   const Tensor mean_c = channel_vector(running_mean, "running_mean", v, op);
   const Tensor var_c = channel_vector(running_var, "running_var", v, op);
