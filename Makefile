@@ -28,8 +28,8 @@ bench: build
 	$(PYTHON) -m bench
 
 lint: $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(VENV)/bin/python)
-	$(PYTHON) -m ruff check bn_cuda bench tests scripts setup.py
-	$(PYTHON) -m ruff format --check bn_cuda bench tests scripts setup.py
+	$(PYTHON) -m ruff check bn_cuda bench tests scripts examples setup.py
+	$(PYTHON) -m ruff format --check bn_cuda bench tests scripts examples setup.py
 
 # GPU box: build for the local GPU only, CUDA test suite, compute-sanitizer, short bench, summary.
 gpu-check:
