@@ -88,9 +88,7 @@ def check_batch_norm_args(
             raise TypeError(
                 f"batch_norm(): argument '{name}' (position {position}) must be Tensor, not {type(t).__name__}"
             )
-    if input.dim() < 2:
-        raise ValueError(f"expected at least 2D input (N, C, ...) (got {input.dim()}D input)")
-    if training:
+    if training and input.dim() >= 1:
         size = input.size()
         count = size[0]
         for d in size[2:]:
@@ -101,6 +99,10 @@ def check_batch_norm_args(
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if input.dim() < 2:
+        if input.numel() == 0:
+            return  # PyTorch passes an empty 0-D/1-D input through (batch_norm_impl returns it)
+        raise ValueError(f"expected at least 2D input (N, C, ...) (got {input.dim()}D input)")
     if input.dtype not in _SUPPORTED_DTYPES:
         raise NotImplementedError(f"\"batch_norm\" not implemented for '{_dtype_label(input.dtype)}'")
     channels = input.shape[1]
@@ -152,6 +154,8 @@ def batch_norm_impl(
     is incremented, and ``momentum=None`` averages the running statistics cumulatively (factor
     1 / num_batches_tracked, computed on the device). Nothing changes when a check fails."""
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
+    if input.dim() < 2:  # empty (checked): nothing to normalize, no statistics to update
+        return input.clone()
     if not training:
         return torch.ops.bn_cuda.forward_eval(input, running_mean, running_var, weight, bias, eps)
     output, mean, _, var = torch.ops.bn_cuda.forward_train(input, weight, bias, eps)
