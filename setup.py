@@ -46,15 +46,29 @@ def cuda_wheel_include_dirs() -> list[str]:
     return dirs
 
 
+def openmp_flags() -> list[str]:
+    """-fopenmp when torch uses OpenMP: ATen's at::parallel_for is then header-only
+    (ParallelOpenMP.h, `#pragma omp parallel`), and without the flag the compiler drops the pragma
+    and every CPU kernel runs on one thread."""
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        return ["-fopenmp"]
+    return []
+
+
 def extension():
     sources = [os.path.join("csrc", "ops.cpp"), os.path.join("csrc", "running_stats.cpp")]
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     # -g0: the debug info Python's default flags ask for triples build time and size.
-    cxx_flags = ["-O3", "-g0"]
+    cxx_flags = ["-O3", "-g0", *openmp_flags()]
+    link_flags = openmp_flags()
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not want_cuda():
         return cpp_extension.CppExtension(
-            "bn_cuda._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}
+            "bn_cuda._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
@@ -65,6 +79,7 @@ def extension():
         sources,
         include_dirs=include_dirs,
         define_macros=[("BN_CUDA_WITH_CUDA", None)],
+        extra_link_args=link_flags,
         extra_compile_args={
             "cxx": cxx_flags,
             "nvcc": ["-O3", "-lineinfo"],
