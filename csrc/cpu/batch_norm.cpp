@@ -1,15 +1,24 @@
-// CPU kernels for the bn_cuda ops (contracts in csrc/ops.cpp).
+// CPU kernels for the bn_cuda ops (contracts in csrc/ops.cpp); inner loops in vec_loops.h.
 //
 // Layouts (see ChannelView in op_checks.h):
 //  - channels-first, memory (N, C, L): a channel is N contiguous segments of L values. Work is
 //    split over channels, and each channel's statistics and its normalize / dx pass run back to
 //    back while the channel's values are still in cache.
-//  - channels-last, memory (N*L rows, C columns): work is split over fixed blocks of rows; each
-//    block produces per-channel partials that are then merged in block order.
-// Reductions accumulate in double: each segment or block is reduced in two passes over
-// cache-resident data (sum, then squared deviations from the segment mean), and partials are
-// combined with Chan's merge from welford.h. The result does not depend on the thread count.
-// Elementwise passes compute in float for float/half/bfloat16 and in double for double.
+//  - channels-last, memory (N*L rows, C columns): vectors run along C. Rows are split into fixed
+//    blocks and groups of blocks (RowSplit); groups produce per-channel partials that are merged
+//    in group order. A pass that follows a full read of the tensor walks the groups backwards,
+//    so it starts on the rows the read left in cache.
+// Statistics without per-element double arithmetic: values are shifted by a per-channel pivot
+// (the channel's first value), and each chunk of about kChunk values (L1-resident) is reduced in
+// float in two passes, the shifted sum, then the deviations e from the chunk's shifted mean
+// (sum e and sum e^2, so the rounding of that mean cancels). Chunk states are merged in double
+// with Chan's formula (welford.h). With |x - pivot| on the scale of the spread, the shift is
+// exact and float sums of a few thousand values keep the variance well within the 1e-4 relative
+// error tests/test_numerics.py allows at mean 1e5, std 1e-2. Backward sums are float over short
+// runs (a channels-first run of at most kChunk values, kSumRows channels-last rows), double
+// across them.
+// Every split depends only on the shape, never on the thread count, so results are bitwise
+// reproducible with any number of threads.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -20,6 +29,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/vec_loops.h"
 #include "op_checks.h"
 #include "welford.h"
 
@@ -28,152 +38,248 @@ namespace {
 
 using Welford = WelfordState<double>;
 
-// Elements per channels-last row block: large enough to amortise the partial merge, small
-// enough for the block to stay in L2 between its two passes.
+// Values per statistics chunk: the second pass over a chunk reads L1.
+constexpr int64_t kChunk = 2048;
+// Channels-last row blocks: about kBlockElements values, so the second pass over a block reads
+// L2, and between kMinBlockRows (amortises the per-block merge when C is large) and
+// kMaxBlockRows (bounds the length of each float sum when C is small) rows.
 constexpr int64_t kBlockElements = 16384;
-// Independent accumulators per sum, so the adds vectorise and do not serialise on one register.
-constexpr int kLanes = 8;
+constexpr int64_t kMinBlockRows = 32;
+constexpr int64_t kMaxBlockRows = 256;
+// Rows per float partial of the channels-last backward sums (they need no second pass).
+constexpr int64_t kSumRows = 16;
+// At most this many groups of blocks, each with its own per-channel partials.
+constexpr int64_t kMaxGroups = 64;
+// Values per task of a purely elementwise pass.
+constexpr int64_t kElementwiseGrain = 32768;
 
-template <typename scalar_t>
-using opmath_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
-int64_t rows_per_block(int64_t C) {
-  return std::max<int64_t>(1, kBlockElements / C);
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
 }
 
-// sum(f(i)) for i in [0, n) with kLanes partial sums in double.
-template <typename F>
-double lane_sum(int64_t n, const F& f) {
-  std::array<double, kLanes> acc{};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) acc[j] += f(i + j);
+// The fixed split of the rows of a channels-last view into blocks and groups of whole blocks.
+struct RowSplit {
+  int64_t rows;
+  int64_t block_rows;
+  int64_t group_rows;
+  int64_t groups;
+
+  explicit RowSplit(const ChannelView& v) : rows(v.count()) {
+    block_rows = std::clamp(kBlockElements / v.C, kMinBlockRows, kMaxBlockRows);
+    group_rows = ceil_div(ceil_div(rows, block_rows), kMaxGroups) * block_rows;
+    groups = ceil_div(rows, group_rows);
   }
-  double total = 0;
-  for (; i < n; ++i) total += f(i);
-  for (int j = 0; j < kLanes; ++j) total += acc[j];
-  return total;
+  int64_t begin(int64_t g) const { return g * group_rows; }
+  int64_t end(int64_t g) const { return std::min(rows, (g + 1) * group_rows); }
+};
+
+// Runs f(g) for every group, in parallel. `backward`: each thread walks its groups last to first
+// (the thread ranges are the same as in the forward walk that read the data just before).
+template <typename F>
+void for_each_group(const RowSplit& split, bool backward, const F& f) {
+  at::parallel_for(0, split.groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t i = g0; i < g1; ++i) f(backward ? g0 + g1 - 1 - i : i);
+  });
 }
 
-// Statistics of n contiguous values: mean from a double sum, m2 from the deviations from it.
-template <typename scalar_t>
-Welford segment_stats(const scalar_t* p, int64_t n) {
+// Calls f(offset, segs, len) for the chunks of channel c of a channels-first view, in order: a
+// chunk is segs runs of len values, at offset + j * C * L for j < segs (several short segments,
+// or a piece of a long one).
+template <typename F>
+void for_each_chunk(const ChannelView& v, int64_t c, const F& f) {
+  if (v.L >= kChunk) {
+    for (int64_t n = 0; n < v.N; ++n) {
+      for (int64_t i = 0; i < v.L; i += kChunk) f((n * v.C + c) * v.L + i, 1, std::min(kChunk, v.L - i));
+    }
+  } else {
+    const int64_t group = kChunk / v.L;
+    for (int64_t n = 0; n < v.N; n += group) f((n * v.C + c) * v.L, std::min(group, v.N - n), v.L);
+  }
+}
+
+// Operations of the loops in vec_loops.h; Coef is Scalar (one channel) or PerLane (a row).
+
+// x - pivot
+template <typename Coef>
+auto shifted_op(Coef pivot) {
+  return [=](int64_t i, auto x, auto, auto& acc) {
+    using T = decltype(x);
+    acc[0] += x - pivot.template at<T>(i);
+  };
+}
+
+// (e, e^2) with e = (x - pivot) - m: subtracting pivot first keeps e exact for large means.
+template <typename Coef>
+auto deviation_op(Coef pivot, Coef m) {
+  return [=](int64_t i, auto x, auto, auto& acc) {
+    using T = decltype(x);
+    const T e = (x - pivot.template at<T>(i)) - m.template at<T>(i);
+    acc[0] += e;
+    acc[1] += e * e;
+  };
+}
+
+// (dy, dy * (x - mean))
+template <typename Coef>
+auto grad_sums_op(Coef mean) {
+  return [=](int64_t i, auto x, auto g, auto& acc) {
+    using T = decltype(x);
+    acc[0] += g;
+    acc[1] += g * (x - mean.template at<T>(i));
+  };
+}
+
+// (x - mean) * scale + shift
+template <typename Coef>
+auto affine_op(Coef mean, Coef scale, Coef shift) {
+  return [=](int64_t i, auto x, auto) {
+    using T = decltype(x);
+    return (x - mean.template at<T>(i)) * scale.template at<T>(i) + shift.template at<T>(i);
+  };
+}
+
+// dx = (dy - a - (x - mean) * k) * s, or dx = dy * s when !kUsesX (eval statistics).
+template <bool kUsesX, typename Coef>
+auto grad_input_op(Coef mean, Coef a, Coef k, Coef s) {
+  return [=](int64_t i, auto x, auto g) {
+    using T = decltype(x);
+    if constexpr (kUsesX) {
+      return (g - a.template at<T>(i) - (x - mean.template at<T>(i)) * k.template at<T>(i)) * s.template at<T>(i);
+    } else {
+      return g * s.template at<T>(i);
+    }
+  };
+}
+
+// The state of `count` values from the float sums of a chunk's two passes: m is the mean of
+// x - pivot from the first pass, se and see the sums of e = x - pivot - m and e^2 from the second.
+Welford chunk_state(double pivot, double m, double se, double see, int64_t count) {
   Welford s;
-  if (n == 0) return s;
-  s.count = n;
-  s.mean = lane_sum(n, [p](int64_t i) { return static_cast<double>(p[i]); }) / static_cast<double>(n);
-  const double mean = s.mean;
-  s.m2 = lane_sum(n, [p, mean](int64_t i) {
-    const double d = static_cast<double>(p[i]) - mean;
-    return d * d;
-  });
+  s.count = count;
+  const double inv_count = 1.0 / static_cast<double>(count);
+  s.mean = pivot + m + se * inv_count;
+  const double m2 = see - se * se * inv_count;
+  s.m2 = m2 < 0 ? 0 : m2;  // rounding; a NaN stays NaN
   return s;
 }
 
-// Channel c of a channels-first view: Chan merge of its N segments.
+// Channel c of a channels-first view: Chan merge of its chunk states, in chunk order.
 template <typename scalar_t>
 Welford channel_stats_ncl(const scalar_t* x, const ChannelView& v, int64_t c) {
+  using acc_t = opmath_t<scalar_t>;
+  const Scalar<acc_t> pivot{static_cast<acc_t>(x[c * v.L])};
+  const int64_t stride = v.C * v.L;
   Welford s;
-  for (int64_t n = 0; n < v.N; ++n) {
-    s = welford_merge(s, segment_stats(x + (n * v.C + c) * v.L, v.L));
-  }
+  for_each_chunk(v, c, [&](int64_t offset, int64_t segs, int64_t len) {
+    acc_t shifted = 0;
+    for (int64_t j = 0; j < segs; ++j) {
+      shifted += sum_run<1, false>(x + offset + j * stride, x, len, shifted_op(pivot))[0];
+    }
+    const int64_t count = segs * len;
+    const Scalar<acc_t> m{shifted / static_cast<acc_t>(count)};
+    acc_t se = 0, see = 0;
+    for (int64_t j = 0; j < segs; ++j) {
+      const auto t = sum_run<2, false>(x + offset + j * stride, x, len, deviation_op(pivot, m));
+      se += t[0];
+      see += t[1];
+    }
+    s = welford_merge(s, chunk_state(pivot.value, m.value, se, see, count));
+  });
   return s;
 }
 
-// Channels-last statistics: per-channel Welford states, one entry per channel.
-// Each row block is reduced in two passes (column sums, then squared deviations), then blocks
-// are merged per channel in block order.
+// Chan's merge (welford_merge) of states b into states a for n channels whose states share their
+// counts, as those of one channels-last row block do: the count ratios are computed once per
+// merge, not per channel (a per-channel welford_merge costs more than the block's two passes
+// when C is large). Returns the merged count.
+int64_t merge_lanes(int64_t n, int64_t count_a, double* mean_a, double* m2_a, int64_t count_b, const double* mean_b,
+                    const double* m2_b) {
+  if (count_a == 0) {
+    std::copy(mean_b, mean_b + n, mean_a);
+    std::copy(m2_b, m2_b + n, m2_a);
+    return count_b;
+  }
+  const double b_share = static_cast<double>(count_b) / static_cast<double>(count_a + count_b);
+  const double delta_weight = static_cast<double>(count_a) * b_share;
+  for (int64_t c = 0; c < n; ++c) {
+    const double delta = mean_b[c] - mean_a[c];
+    mean_a[c] += delta * b_share;
+    m2_a[c] += m2_b[c] + delta * delta * delta_weight;
+  }
+  return count_a + count_b;
+}
+
+// Channels-last statistics, one state per channel. Each block of rows is reduced in two passes
+// (shifted sums, then deviations) into per-channel float sums, merged into its group's states;
+// groups are merged in group order.
 template <typename scalar_t>
 std::vector<Welford> channel_stats_nlc(const scalar_t* x, const ChannelView& v) {
+  using acc_t = opmath_t<scalar_t>;
   const int64_t C = v.C;
-  const int64_t rows = v.count();
-  const int64_t block_rows = rows_per_block(C);
-  const int64_t blocks = (rows + block_rows - 1) / block_rows;
-  std::vector<double> block_mean(blocks * C), block_m2(blocks * C);
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t r0 = b * block_rows;
-      const int64_t r1 = std::min(rows, r0 + block_rows);
-      double* mean = block_mean.data() + b * C;
-      double* m2 = block_m2.data() + b * C;
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* row = x + r * C;
-        for (int64_t c = 0; c < C; ++c) mean[c] += static_cast<double>(row[c]);
+  const RowSplit split(v);
+  std::vector<acc_t> pivot_values(x, x + C);  // row 0
+  const PerLane<acc_t> pivot{pivot_values.data()};
+  std::vector<double> group_mean(split.groups * C), group_m2(split.groups * C);
+  for_each_group(split, /*backward=*/false, [&](int64_t g) {
+    std::vector<acc_t> m(C), se(C), see(C);
+    std::vector<double> block_mean(C), block_m2(C);
+    acc_t* shifted_sums[] = {m.data()};
+    acc_t* deviation_sums[] = {se.data(), see.data()};
+    int64_t count = 0;
+    for (int64_t r0 = split.begin(g); r0 < split.end(g); r0 += split.block_rows) {
+      const int64_t r1 = std::min(split.end(g), r0 + split.block_rows);
+      std::fill(m.begin(), m.end(), acc_t(0));
+      for (int64_t r = r0; r < r1; ++r) accumulate_row<1, false>(x + r * C, x, C, shifted_op(pivot), shifted_sums);
+      const acc_t inv_rows = acc_t(1) / static_cast<acc_t>(r1 - r0);
+      for (int64_t c = 0; c < C; ++c) m[c] *= inv_rows;
+      std::fill(se.begin(), se.end(), acc_t(0));
+      std::fill(see.begin(), see.end(), acc_t(0));
+      const auto deviation = deviation_op(pivot, PerLane<acc_t>{m.data()});
+      for (int64_t r = r0; r < r1; ++r) accumulate_row<2, false>(x + r * C, x, C, deviation, deviation_sums);
+      for (int64_t c = 0; c < C; ++c) {
+        const Welford b = chunk_state(pivot_values[c], m[c], se[c], see[c], r1 - r0);
+        block_mean[c] = b.mean;
+        block_m2[c] = b.m2;
       }
-      const double inv_rows = 1.0 / static_cast<double>(r1 - r0);
-      for (int64_t c = 0; c < C; ++c) mean[c] *= inv_rows;
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* row = x + r * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const double d = static_cast<double>(row[c]) - mean[c];
-          m2[c] += d * d;
-        }
-      }
+      count = merge_lanes(C, count, group_mean.data() + g * C, group_m2.data() + g * C, r1 - r0,
+                          block_mean.data(), block_m2.data());
     }
   });
+  std::vector<double> mean(C), m2(C);
+  int64_t count = 0;
+  for (int64_t g = 0; g < split.groups; ++g) {
+    count = merge_lanes(C, count, mean.data(), m2.data(), split.end(g) - split.begin(g), group_mean.data() + g * C,
+                        group_m2.data() + g * C);
+  }
   std::vector<Welford> out(C);
-  at::parallel_for(0, C, 256, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      Welford s;
-      for (int64_t b = 0; b < blocks; ++b) {
-        Welford part;
-        part.count = std::min(rows, (b + 1) * block_rows) - b * block_rows;
-        part.mean = block_mean[b * C + c];
-        part.m2 = block_m2[b * C + c];
-        s = welford_merge(s, part);
-      }
-      out[c] = s;
-    }
-  });
+  for (int64_t c = 0; c < C; ++c) out[c] = Welford{mean[c], m2[c], count};
   return out;
 }
 
-// Per-channel affine map y = (x - mean[c]) * scale[c] + shift[c] over one segment.
-template <typename scalar_t, typename acc_t>
-void affine_segment(const scalar_t* x, scalar_t* y, int64_t n, acc_t mean, acc_t scale, acc_t shift) {
-  for (int64_t i = 0; i < n; ++i) {
-    y[i] = static_cast<scalar_t>((static_cast<acc_t>(x[i]) - mean) * scale + shift);
-  }
-}
-
-// Channels-last affine map over all rows, split over row blocks.
+// Channels-last y = (x - mean) * scale + shift over all rows; `backward` as in for_each_group.
 template <typename scalar_t, typename acc_t>
 void affine_nlc(const scalar_t* x, scalar_t* y, const ChannelView& v, const acc_t* mean, const acc_t* scale,
-                const acc_t* shift) {
+                const acc_t* shift, bool backward) {
   const int64_t C = v.C;
-  at::parallel_for(0, v.count(), rows_per_block(C), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const scalar_t* xr = x + r * C;
-      scalar_t* yr = y + r * C;
-      for (int64_t c = 0; c < C; ++c) {
-        yr[c] = static_cast<scalar_t>((static_cast<acc_t>(xr[c]) - mean[c]) * scale[c] + shift[c]);
-      }
-    }
+  const RowSplit split(v);
+  const auto op = affine_op(PerLane<acc_t>{mean}, PerLane<acc_t>{scale}, PerLane<acc_t>{shift});
+  for_each_group(split, backward, [&](int64_t g) {
+    for (int64_t r = split.begin(g); r < split.end(g); ++r) map_run<false>(x + r * C, x, y + r * C, C, op);
   });
 }
 
-// Per-channel affine maps for a channels-first view, one (n, c) segment at a time.
+// Channels-first y = (x - mean) * scale + shift, one (n, c) segment at a time.
 template <typename scalar_t, typename acc_t>
 void affine_ncl(const scalar_t* x, scalar_t* y, const ChannelView& v, const acc_t* mean, const acc_t* scale,
                 const acc_t* shift) {
-  const int64_t grain = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(v.L, 1));
+  const int64_t grain = std::max<int64_t>(1, kElementwiseGrain / v.L);
   at::parallel_for(0, v.N * v.C, grain, [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t c = s % v.C;
-      affine_segment(x + s * v.L, y + s * v.L, v.L, mean[c], scale[c], shift[c]);
+      const auto op = affine_op(Scalar<acc_t>{mean[c]}, Scalar<acc_t>{scale[c]}, Scalar<acc_t>{shift[c]});
+      map_run<false>(x + s * v.L, x, y + s * v.L, v.L, op);
     }
   });
-}
-
-template <typename scalar_t, typename acc_t>
-void affine(const ChannelView& v, const at::Tensor& y, const acc_t* mean, const acc_t* scale, const acc_t* shift) {
-  const scalar_t* x = v.x.const_data_ptr<scalar_t>();
-  scalar_t* out = y.mutable_data_ptr<scalar_t>();
-  if (v.channels_last) {
-    affine_nlc(x, out, v, mean, scale, shift);
-  } else {
-    affine_ncl(x, out, v, mean, scale, shift);
-  }
 }
 
 // Per-channel statistics as (mean, var) float64 tensors; biased var.
@@ -210,15 +316,24 @@ std::tuple<at::Tensor, at::Tensor> stats(const at::Tensor& input) {
 }
 
 // y = (x - mean) * (invstd * weight) + bias, the per-channel vectors already in acc dtype.
+// `backward`: the channels-last pass walks rows backwards (it follows a full read of x).
 at::Tensor normalize_with(const ChannelView& v, const at::Tensor& mean, const at::Tensor& invstd,
-                          const at::Tensor& weight, const at::Tensor& bias) {
+                          const at::Tensor& weight, const at::Tensor& bias, bool backward = false) {
   at::Tensor y = empty_like_view(v);
   if (v.x.numel() == 0) return y;
   const at::Tensor scale = invstd * weight;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "bn_cuda_normalize_cpu", [&] {
     using acc_t = opmath_t<scalar_t>;
-    affine<scalar_t, acc_t>(v, y, mean.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(),
-                            bias.const_data_ptr<acc_t>());
+    const scalar_t* x = v.x.const_data_ptr<scalar_t>();
+    scalar_t* out = y.mutable_data_ptr<scalar_t>();
+    const acc_t* mean_p = mean.const_data_ptr<acc_t>();
+    const acc_t* scale_p = scale.const_data_ptr<acc_t>();
+    const acc_t* bias_p = bias.const_data_ptr<acc_t>();
+    if (v.channels_last) {
+      affine_nlc(x, out, v, mean_p, scale_p, bias_p, backward);
+    } else {
+      affine_ncl(x, out, v, mean_p, scale_p, bias_p);
+    }
   });
   return y;
 }
@@ -245,9 +360,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_train(const a
     auto [mean64, var64] = compute_stats(v);
     const at::Tensor mean = mean64.to(acc);
     const at::Tensor invstd = (var64 + eps).rsqrt().to(acc);
-    return {normalize_with(v, mean, invstd, w, b), mean, invstd, var64.to(acc)};
+    return {normalize_with(v, mean, invstd, w, b, /*backward=*/true), mean, invstd, var64.to(acc)};
   }
-  // Channels-first: statistics and normalization of one channel back to back, while it is hot.
+  // Channels-first: statistics and normalization of one channel back to back, while it is hot;
+  // the normalization walks the segments backwards, starting on the most recently read.
   at::Tensor y = empty_like_view(v);
   at::Tensor mean = at::empty({v.C}, v.x.options().dtype(acc));
   at::Tensor invstd = at::empty({v.C}, v.x.options().dtype(acc));
@@ -269,10 +385,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_train(const a
         mean_p[c] = static_cast<acc_t>(s.mean);
         var_p[c] = static_cast<acc_t>(channel_var);
         invstd_p[c] = static_cast<acc_t>(channel_invstd);
-        const acc_t scale = static_cast<acc_t>(channel_invstd) * w_p[c];
-        for (int64_t n = 0; n < v.N; ++n) {
+        const auto affine = affine_op(Scalar<acc_t>{mean_p[c]}, Scalar<acc_t>{invstd_p[c] * w_p[c]},
+                                      Scalar<acc_t>{b_p[c]});
+        for (int64_t n = v.N - 1; n >= 0; --n) {
           const int64_t offset = (n * v.C + c) * v.L;
-          affine_segment(x + offset, out + offset, v.L, mean_p[c], scale, b_p[c]);
+          map_run<false>(x + offset, x, out + offset, v.L, affine);
         }
       }
     });
@@ -292,83 +409,72 @@ at::Tensor forward_eval(const at::Tensor& input, const at::Tensor& running_mean,
                         channel_vector(bias, "bias", v, 0.0, op));
 }
 
-// (sum dy, sum dy * (x - mean)) in double for one channel of a channels-first view, both sums
-// in one pass over each segment.
+// (sum dy, sum dy * (x - mean)) for channel c of a channels-first view: float per run of at
+// most kChunk values, double across runs.
 template <typename scalar_t>
 std::pair<double, double> channel_grad_sums_ncl(const scalar_t* x, const scalar_t* dy, const ChannelView& v,
-                                                int64_t c, double mean) {
-  std::array<double, kLanes> acc_dy{}, acc_dy_xmu{};
+                                                int64_t c, opmath_t<scalar_t> mean) {
+  using acc_t = opmath_t<scalar_t>;
+  const auto op = grad_sums_op(Scalar<acc_t>{mean});
+  const int64_t stride = v.C * v.L;
   double sum_dy = 0, sum_dy_xmu = 0;
-  for (int64_t n = 0; n < v.N; ++n) {
-    const int64_t offset = (n * v.C + c) * v.L;
-    const scalar_t* xs = x + offset;
-    const scalar_t* dys = dy + offset;
-    int64_t i = 0;
-    for (; i + kLanes <= v.L; i += kLanes) {
-      for (int j = 0; j < kLanes; ++j) {
-        const double g = static_cast<double>(dys[i + j]);
-        acc_dy[j] += g;
-        acc_dy_xmu[j] += g * (static_cast<double>(xs[i + j]) - mean);
-      }
+  for_each_chunk(v, c, [&](int64_t offset, int64_t segs, int64_t len) {
+    for (int64_t j = 0; j < segs; ++j) {
+      const int64_t o = offset + j * stride;
+      const auto t = sum_run<2, true>(x + o, dy + o, len, op);
+      sum_dy += t[0];
+      sum_dy_xmu += t[1];
     }
-    for (; i < v.L; ++i) {
-      const double g = static_cast<double>(dys[i]);
-      sum_dy += g;
-      sum_dy_xmu += g * (static_cast<double>(xs[i]) - mean);
-    }
-  }
-  for (int j = 0; j < kLanes; ++j) {
-    sum_dy += acc_dy[j];
-    sum_dy_xmu += acc_dy_xmu[j];
-  }
+  });
   return {sum_dy, sum_dy_xmu};
 }
 
-// Channels-last (sum dy, sum dy * (x - mean)) per channel: row-block partials summed in block order.
+// Channels-last (sum dy, sum dy * (x - mean)) per channel: float over at most kSumRows rows,
+// double per group, groups added in group order.
 template <typename scalar_t>
-void grad_sums_nlc(const scalar_t* x, const scalar_t* dy, const ChannelView& v, const double* mean,
+void grad_sums_nlc(const scalar_t* x, const scalar_t* dy, const ChannelView& v, const opmath_t<scalar_t>* mean,
                    double* sum_dy, double* sum_dy_xmu) {
+  using acc_t = opmath_t<scalar_t>;
   const int64_t C = v.C;
-  const int64_t rows = v.count();
-  const int64_t block_rows = rows_per_block(C);
-  const int64_t blocks = (rows + block_rows - 1) / block_rows;
-  std::vector<double> part_dy(blocks * C), part_dy_xmu(blocks * C);
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      double* pdy = part_dy.data() + b * C;
-      double* pdx = part_dy_xmu.data() + b * C;
-      const int64_t r1 = std::min(rows, (b + 1) * block_rows);
-      for (int64_t r = b * block_rows; r < r1; ++r) {
-        const scalar_t* xr = x + r * C;
-        const scalar_t* dyr = dy + r * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const double g = static_cast<double>(dyr[c]);
-          pdy[c] += g;
-          pdx[c] += g * (static_cast<double>(xr[c]) - mean[c]);
-        }
+  const RowSplit split(v);
+  const auto op = grad_sums_op(PerLane<acc_t>{mean});
+  std::vector<double> part_dy(split.groups * C), part_dy_xmu(split.groups * C);
+  for_each_group(split, /*backward=*/false, [&](int64_t g) {
+    std::vector<acc_t> block_dy(C), block_dy_xmu(C);
+    double* pdy = part_dy.data() + g * C;
+    double* pdx = part_dy_xmu.data() + g * C;
+    for (int64_t r0 = split.begin(g); r0 < split.end(g); r0 += kSumRows) {
+      const int64_t r1 = std::min(split.end(g), r0 + kSumRows);
+      std::fill(block_dy.begin(), block_dy.end(), acc_t(0));
+      std::fill(block_dy_xmu.begin(), block_dy_xmu.end(), acc_t(0));
+      acc_t* sums[] = {block_dy.data(), block_dy_xmu.data()};
+      for (int64_t r = r0; r < r1; ++r) accumulate_row<2, true>(x + r * C, dy + r * C, C, op, sums);
+      for (int64_t c = 0; c < C; ++c) {
+        pdy[c] += block_dy[c];
+        pdx[c] += block_dy_xmu[c];
       }
     }
   });
-  for (int64_t b = 0; b < blocks; ++b) {
+  for (int64_t g = 0; g < split.groups; ++g) {
     for (int64_t c = 0; c < C; ++c) {
-      sum_dy[c] += part_dy[b * C + c];
-      sum_dy_xmu[c] += part_dy_xmu[b * C + c];
+      sum_dy[c] += part_dy[g * C + c];
+      sum_dy_xmu[c] += part_dy_xmu[g * C + c];
     }
   }
 }
 
-// Per-channel (sum dy, sum dy * (x - mean)) as double tensors.
+// Per-channel (sum dy, sum dy * (x - mean)) as double tensors; mean in acc dtype.
 std::tuple<at::Tensor, at::Tensor> grad_sums(const ChannelView& v, const at::Tensor& dy, const at::Tensor& mean) {
   at::Tensor sum_dy = at::zeros({v.C}, v.x.options().dtype(at::kDouble));
   at::Tensor sum_dy_xmu = at::zeros({v.C}, v.x.options().dtype(at::kDouble));
   if (v.count() == 0) return {sum_dy, sum_dy_xmu};
-  const at::Tensor mean64 = mean.to(at::kDouble).contiguous();
-  const double* mean_p = mean64.const_data_ptr<double>();
   double* sdy = sum_dy.mutable_data_ptr<double>();
   double* sdx = sum_dy_xmu.mutable_data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "bn_cuda_grad_sums_cpu", [&] {
+    using acc_t = opmath_t<scalar_t>;
     const scalar_t* x = v.x.const_data_ptr<scalar_t>();
     const scalar_t* g = dy.const_data_ptr<scalar_t>();
+    const acc_t* mean_p = mean.const_data_ptr<acc_t>();
     if (v.channels_last) {
       grad_sums_nlc(x, g, v, mean_p, sdy, sdx);
     } else {
@@ -392,51 +498,42 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_output
   return {sum_dy.to(acc), sum_dy_xmu.to(acc)};
 }
 
-// dx = (dy - a[c] - (x - mean[c]) * k[c]) * s[c]; with uses_x false, dx = dy * s[c] and x is not read.
-template <bool uses_x, typename scalar_t, typename acc_t>
-void grad_input_segment(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t n, acc_t mean, acc_t a,
-                        acc_t k, acc_t s) {
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t g = static_cast<acc_t>(dy[i]);
-    if constexpr (uses_x) {
-      dx[i] = static_cast<scalar_t>((g - a - (static_cast<acc_t>(x[i]) - mean) * k) * s);
-    } else {
-      dx[i] = static_cast<scalar_t>(g * s);
-    }
-  }
-}
-
-// Elementwise dx for the whole view, per-channel coefficients in acc dtype (see grad_input_segment).
-template <bool uses_x, typename scalar_t, typename acc_t>
+// Elementwise dx for the whole view (see grad_input_op), per-channel coefficients in acc dtype.
+// `backward`: the channels-last pass walks rows backwards (it follows a full read of x and dy).
+template <bool kUsesX, typename scalar_t, typename acc_t>
 void grad_input(const ChannelView& v, const at::Tensor& dy, const at::Tensor& dx, const acc_t* mean, const acc_t* a,
-                const acc_t* k, const acc_t* s) {
+                const acc_t* k, const acc_t* s, bool backward) {
   const scalar_t* x = v.x.const_data_ptr<scalar_t>();
   const scalar_t* g = dy.const_data_ptr<scalar_t>();
   scalar_t* out = dx.mutable_data_ptr<scalar_t>();
   const int64_t C = v.C;
   if (v.channels_last) {
-    at::parallel_for(0, v.count(), rows_per_block(C), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* xr = x + r * C;
-        const scalar_t* gr = g + r * C;
-        scalar_t* dxr = out + r * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t dy_c = static_cast<acc_t>(gr[c]);
-          if constexpr (uses_x) {
-            dxr[c] = static_cast<scalar_t>((dy_c - a[c] - (static_cast<acc_t>(xr[c]) - mean[c]) * k[c]) * s[c]);
-          } else {
-            dxr[c] = static_cast<scalar_t>(dy_c * s[c]);
-          }
+    const RowSplit split(v);
+    const auto op = grad_input_op<kUsesX>(PerLane<acc_t>{mean}, PerLane<acc_t>{a}, PerLane<acc_t>{k},
+                                          PerLane<acc_t>{s});
+    for_each_group(split, backward, [&](int64_t grp) {
+      for (int64_t r = split.begin(grp); r < split.end(grp); ++r) {
+        // Eval statistics read only dy: it goes in the first slot.
+        if constexpr (kUsesX) {
+          map_run<true>(x + r * C, g + r * C, out + r * C, C, op);
+        } else {
+          map_run<false>(g + r * C, g, out + r * C, C, [&](int64_t i, auto gi, auto) { return op(i, gi, gi); });
         }
       }
     });
   } else {
-    const int64_t grain = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(v.L, 1));
+    const int64_t grain = std::max<int64_t>(1, kElementwiseGrain / v.L);
     at::parallel_for(0, v.N * C, grain, [&](int64_t s0, int64_t s1) {
       for (int64_t seg = s0; seg < s1; ++seg) {
         const int64_t c = seg % C;
-        const int64_t offset = seg * v.L;
-        grad_input_segment<uses_x>(x + offset, g + offset, out + offset, v.L, mean[c], a[c], k[c], s[c]);
+        const int64_t o = seg * v.L;
+        const auto op = grad_input_op<kUsesX>(Scalar<acc_t>{mean[c]}, Scalar<acc_t>{a[c]}, Scalar<acc_t>{k[c]},
+                                              Scalar<acc_t>{s[c]});
+        if constexpr (kUsesX) {
+          map_run<true>(x + o, g + o, out + o, v.L, op);
+        } else {
+          map_run<false>(g + o, g, out + o, v.L, [&](int64_t i, auto gi, auto) { return op(i, gi, gi); });
+        }
       }
     });
   }
@@ -445,7 +542,7 @@ void grad_input(const ChannelView& v, const at::Tensor& dy, const at::Tensor& dx
 // dx for training statistics from the per-channel means of dy and dy * (x - mean).
 at::Tensor grad_input_train(const ChannelView& v, const at::Tensor& dy, const at::Tensor& mean,
                             const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& mean_dy,
-                            const at::Tensor& mean_dy_xmu) {
+                            const at::Tensor& mean_dy_xmu, bool backward = false) {
   at::Tensor dx = empty_like_view(v);
   if (v.x.numel() == 0) return dx;
   const at::Tensor k = invstd * invstd * mean_dy_xmu;
@@ -453,7 +550,7 @@ at::Tensor grad_input_train(const ChannelView& v, const at::Tensor& dy, const at
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "bn_cuda_grad_input_cpu", [&] {
     using acc_t = opmath_t<scalar_t>;
     grad_input<true, scalar_t, acc_t>(v, dy, dx, mean.const_data_ptr<acc_t>(), mean_dy.const_data_ptr<acc_t>(),
-                                      k.const_data_ptr<acc_t>(), s.const_data_ptr<acc_t>());
+                                      k.const_data_ptr<acc_t>(), s.const_data_ptr<acc_t>(), backward);
   });
   return dx;
 }
@@ -469,8 +566,9 @@ at::Tensor backward_elemt(const at::Tensor& grad_output, const at::Tensor& input
                           channel_vector(mean_dy_xmu, "mean_dy_xmu", v, op));
 }
 
-// Channels-first training backward, one channel at a time: its two sums, then its dx, while the
-// channel's x and dy are still in cache. Fills grad_in and the double sum tensors.
+// Channels-first training backward, one channel at a time: its two sums, then its dx (segments
+// backwards, starting on the most recently read), while the channel's x and dy are still in
+// cache. Fills grad_in and the double sum tensors.
 void fused_backward_ncl(const ChannelView& v, const at::Tensor& dy, const at::Tensor& mean,
                         const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& grad_in,
                         const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu) {
@@ -487,13 +585,14 @@ void fused_backward_ncl(const ChannelView& v, const at::Tensor& dy, const at::Te
     const acc_t* w_p = weight.const_data_ptr<acc_t>();
     at::parallel_for(0, v.C, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        std::tie(sdy[c], sdx[c]) = channel_grad_sums_ncl(x, g, v, c, static_cast<double>(mean_p[c]));
-        const acc_t a = static_cast<acc_t>(sdy[c] * inv_count);
-        const acc_t k = invstd_p[c] * invstd_p[c] * static_cast<acc_t>(sdx[c] * inv_count);
-        const acc_t scale = invstd_p[c] * w_p[c];
-        for (int64_t n = 0; n < v.N; ++n) {
+        std::tie(sdy[c], sdx[c]) = channel_grad_sums_ncl(x, g, v, c, mean_p[c]);
+        const Scalar<acc_t> a{static_cast<acc_t>(sdy[c] * inv_count)};
+        const Scalar<acc_t> k{invstd_p[c] * invstd_p[c] * static_cast<acc_t>(sdx[c] * inv_count)};
+        const Scalar<acc_t> scale{invstd_p[c] * w_p[c]};
+        const auto op = grad_input_op<true>(Scalar<acc_t>{mean_p[c]}, a, k, scale);
+        for (int64_t n = v.N - 1; n >= 0; --n) {
           const int64_t offset = (n * v.C + c) * v.L;
-          grad_input_segment<true>(x + offset, g + offset, dx + offset, v.L, mean_p[c], a, k, scale);
+          map_run<true>(x + offset, g + offset, dx + offset, v.L, op);
         }
       }
     });
@@ -533,7 +632,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
     if (training && output_mask[0] && !fused) {
       const double inv_count = v.count() > 0 ? 1.0 / static_cast<double>(v.count()) : 0.0;
       grad_in = grad_input_train(v, dy, mean_acc, invstd_acc, w, (sum_dy * inv_count).to(acc),
-                                 (sum_dy_xmu * inv_count).to(acc));
+                                 (sum_dy_xmu * inv_count).to(acc), /*backward=*/true);
     }
   }
   if (!training && output_mask[0]) {
@@ -544,7 +643,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
         using acc_t = opmath_t<scalar_t>;
         // Without the statistics terms only s is read; the other coefficient slots are unused.
         const acc_t* s_p = s.const_data_ptr<acc_t>();
-        grad_input<false, scalar_t, acc_t>(v, dy, grad_in, s_p, s_p, s_p, s_p);
+        grad_input<false, scalar_t, acc_t>(v, dy, grad_in, s_p, s_p, s_p, s_p, need_sums);
       });
     }
   }
