@@ -121,7 +121,9 @@ def _backward_fake(
 
 
 @torch.library.register_fake("bn_cuda::update_running_stats")
-def _update_running_stats_fake(running_mean, running_var, mean, var, count, momentum, num_batches_tracked) -> None:
+def _update_running_stats_fake(
+    running_mean, running_var, mean, var, count, momentum, num_batches_tracked, count_tensor=None
+) -> None:
     _check_devices(
         "update_running_stats",
         "mean",
@@ -130,6 +132,7 @@ def _update_running_stats_fake(running_mean, running_var, mean, var, count, mome
         running_var=running_var,
         var=var,
         num_batches_tracked=num_batches_tracked,
+        count_tensor=count_tensor,
     )
 
 

@@ -98,20 +98,14 @@ def update_running_stats(
     var), whose count, a (1,) float64 tensor, is known only after the exchange.
 
     With ``host_count`` (the count already read on the host: free for CPU tensors) the op gets
-    it as its int. Without, nothing is read on the host: the op uses its count only in the
-    unbiasing factor count / (count - 1), so count=2 (factor exactly 2) with half the unbiased
-    variance gives exactly the unbiased variance. A group count of 0 then keeps the running
-    statistics (up to rounding for float64 buffers); a group count of 1 makes running_var NaN,
-    as with torch.nn.SyncBatchNorm, because raising would need the host read this path avoids.
+    it as its int. Without, nothing is read on the host: the op takes the count as a tensor and
+    decides on the device (a group count of 0 keeps the running statistics; a group count of 1
+    makes running_var NaN, as with torch.nn.SyncBatchNorm, because raising would need a host read).
     """
     if host_count is not None:
         _ops.update_running_stats(running_mean, running_var, mean, var, host_count, momentum, num_batches_tracked)
-        return
-    has_values = count > 0
-    unbiased = var * count / (count - 1)
-    half_var = torch.where(has_values, unbiased, running_var.to(var.dtype)) / 2
-    mean = torch.where(has_values, mean, running_mean.to(mean.dtype))
-    _ops.update_running_stats(running_mean, running_var, mean, half_var, 2, momentum, num_batches_tracked)
+    else:
+        _ops.update_running_stats(running_mean, running_var, mean, var, 0, momentum, num_batches_tracked, count)
 
 
 class SyncBatchNormFunction(torch.autograd.Function):

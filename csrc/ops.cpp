@@ -80,7 +80,12 @@ TORCH_LIBRARY(bn_cuda, m) {
   // average; num_batches_tracked is an integer tensor already counting this batch). mean/var are
   // the batch statistics of forward_train or stats (biased var); count is the number of values
   // per channel. count == 0 leaves the running statistics unchanged; count == 1 is an error.
+  // count_tensor, when given, replaces count: a one-element tensor on the statistics' device
+  // holding a count known only there (a process group's total after a collective); then the
+  // count == 0 case is decided on the device and count == 1 makes running_var non-finite (NaN for
+  // a single value's zero variance, as nn.SyncBatchNorm) instead of raising.
   m.def(
       "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, "
-      "Tensor var, SymInt count, float? momentum, Tensor? num_batches_tracked) -> ()");
+      "Tensor var, SymInt count, float? momentum, Tensor? num_batches_tracked, "
+      "Tensor? count_tensor=None) -> ()");
 }

@@ -117,6 +117,8 @@ def opcheck_samples(name, device, dtype, channels_last, requires_grad):
             nbt = torch.tensor(3, dtype=torch.long, device=device)
             samples.append((rm, rv, mean, var, COUNT, 0.1, None))
             samples.append((rm.clone(), rv.clone(), mean, var, COUNT, None, nbt))
+            count_tensor = torch.tensor([float(COUNT)], dtype=torch.float64, device=device)
+            samples.append((rm.clone(), rv.clone(), mean, var, 0, 0.1, None, count_tensor))
     return samples
 
 
@@ -382,6 +384,32 @@ def test_update_running_stats_momentum(dtype, momentum, device):
     ops.update_running_stats(rm, rv, mean, var, 10, momentum, None)
     torch.testing.assert_close(rm, (1 - momentum) * rm0 + momentum * mean)
     torch.testing.assert_close(rv, (1 - momentum) * rv0 + momentum * var * 10 / 9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("count", [0, 1, 2, 9])
+def test_update_running_stats_count_tensor(count, momentum, device):
+    """A count known only on the device (count_tensor) gives what the int count gives; 0 keeps
+    the buffers bitwise, 1 makes running_var non-finite instead of raising (no host read to raise
+    on; a single value's variance is 0, so NaN in practice)."""
+    mean = make_vec(device, torch.float32, "normal", seed=80)
+    var = make_vec(device, torch.float32, "positive", seed=81)
+    nbt = torch.tensor(4, device=device) if momentum is None else None
+    rm = make_vec(device, torch.float32, "normal", seed=82)
+    rv = make_vec(device, torch.float32, "positive", seed=83)
+    rm0, rv0 = rm.clone(), rv.clone()
+    count_tensor = torch.tensor([float(count)], dtype=torch.float64, device=device)
+    ops.update_running_stats(rm, rv, mean, var, 0, momentum, nbt, count_tensor)
+    if count == 0:
+        assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+    elif count == 1:
+        assert not rv.isfinite().any()
+    else:
+        rm_int, rv_int = rm0.clone(), rv0.clone()
+        ops.update_running_stats(rm_int, rv_int, mean, var, count, momentum, nbt)
+        torch.testing.assert_close(rm, rm_int)
+        torch.testing.assert_close(rv, rv_int)
 
 
 @pytest.mark.parametrize("device", DEVICES)
