@@ -159,17 +159,37 @@ def batch_norm_impl(
     if not training:
         return torch.ops.bn_cuda.forward_eval(input, running_mean, running_var, weight, bias, eps)
     output, mean, _, var = torch.ops.bn_cuda.forward_train(input, weight, bias, eps)
+    count = input.numel() // input.shape[1]
+    track_batch(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
+    return output
+
+
+def track_batch(
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: float | None,
+    num_batches_tracked: Tensor | None,
+    count_tensor: Tensor | None = None,
+) -> None:
+    """A training step's bookkeeping once its batch statistics (mean, biased var) are known:
+    ``num_batches_tracked`` (if given) counts the batch, then the running statistics (if given)
+    move toward the batch's with ``momentum``, or cumulatively when it is None. ``count`` and
+    ``count_tensor`` are the values per channel, as ``torch.ops.bn_cuda.update_running_stats``
+    takes them (``count_tensor``: a count known only on the device)."""
     with torch.no_grad():
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
-        if running_mean is not None:
-            if momentum is None and num_batches_tracked is None:
-                momentum = 0.0  # nn.BatchNorm's factor when it has no counter to average over
-            count = input.numel() // input.shape[1]
-            torch.ops.bn_cuda.update_running_stats(
-                running_mean, running_var, mean, var, count, momentum, num_batches_tracked if momentum is None else None
-            )
-    return output
+        if running_mean is None or running_var is None:
+            return
+        if momentum is None and num_batches_tracked is None:
+            momentum = 0.0  # nn.BatchNorm's factor when it has no counter to average over
+        tracked = num_batches_tracked if momentum is None else None
+        torch.ops.bn_cuda.update_running_stats(
+            running_mean, running_var, mean, var, count, momentum, tracked, count_tensor
+        )
 
 
 def batch_norm(

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .functional import track_batch
 from .ops import acc_dtype
 
 __all__ = [
@@ -33,7 +34,6 @@ __all__ = [
     "local_stats",
     "merge_stats",
     "sync_batch_norm",
-    "update_running_stats",
 ]
 
 _ops = torch.ops.bn_cuda
@@ -84,30 +84,6 @@ def merge_stats(gathered: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return total, mean, m2 / denom
 
 
-def update_running_stats(
-    running_mean: Tensor,
-    running_var: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    count: Tensor,
-    host_count: int | None,
-    momentum: float | None,
-    num_batches_tracked: Tensor | None,
-) -> None:
-    """``torch.ops.bn_cuda.update_running_stats`` with the group's statistics (mean and biased
-    var), whose count, a (1,) float64 tensor, is known only after the exchange.
-
-    With ``host_count`` (the count already read on the host: free for CPU tensors) the op gets
-    it as its int. Without, nothing is read on the host: the op takes the count as a tensor and
-    decides on the device (a group count of 0 keeps the running statistics; a group count of 1
-    makes running_var NaN, as with torch.nn.SyncBatchNorm, because raising would need a host read).
-    """
-    if host_count is not None:
-        _ops.update_running_stats(running_mean, running_var, mean, var, host_count, momentum, num_batches_tracked)
-    else:
-        _ops.update_running_stats(running_mean, running_var, mean, var, 0, momentum, num_batches_tracked, count)
-
-
 class SyncBatchNormFunction(torch.autograd.Function):
     """Training-mode batch norm over the union of the local batches of ``group``.
 
@@ -141,21 +117,18 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 "Expected more than 1 value per channel when training, got 1 value per channel over the "
                 f"process group (local input size {input.size()})"
             )
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        if running_mean is not None and running_var is not None:
-            if momentum is None and num_batches_tracked is None:
-                momentum = 0.0  # nn.BatchNorm's factor when there is no counter to average over
-            update_running_stats(
-                running_mean,
-                running_var,
-                mean64,
-                var64,
-                count,
-                host_count,
-                momentum,
-                num_batches_tracked if momentum is None else None,
-            )
+        # With host_count the op gets the count as its int; without, nothing is read on the host:
+        # the op takes the group's count as a device tensor and handles an empty group there.
+        track_batch(
+            running_mean,
+            running_var,
+            mean64,
+            var64,
+            host_count if host_count is not None else 0,
+            momentum,
+            num_batches_tracked,
+            count_tensor=None if host_count is not None else count,
+        )
         acc = acc_dtype(input.dtype)
         mean = mean64.to(acc)
         invstd = (var64 + eps).rsqrt().to(acc)

@@ -29,8 +29,9 @@ from conftest import DEVICES, HAS_CUDA
 from torch import nn
 
 import bn_cuda
+from bn_cuda.functional import track_batch
 from bn_cuda.sync_batchnorm import SyncBatchNorm
-from bn_cuda.sync_function import local_stats, merge_stats, update_running_stats
+from bn_cuda.sync_function import local_stats, merge_stats
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GROUP_TIMEOUT_S = 150  # a whole group, torch import included, on a loaded 2-core machine
@@ -582,7 +583,10 @@ def test_running_stats_update_without_host_count(device, momentum, count):
         rm = torch.linspace(-1.0, 1.0, 4, device=device)
         rv = torch.linspace(0.5, 2.0, 4, device=device)
         tracked = torch.tensor(3, device=device)
-        update_running_stats(rm, rv, mean, var, count_t, host_count, momentum, tracked if momentum is None else None)
+        if host_count is None:  # the CUDA path: the group's count as a device tensor
+            track_batch(rm, rv, mean, var, 0, momentum, tracked, count_tensor=count_t)
+        else:
+            track_batch(rm, rv, mean, var, host_count, momentum, tracked)
         states.append((rm, rv))
     (rm_int, rv_int), (rm_dev, rv_dev) = states
     torch.testing.assert_close(rm_dev, rm_int, rtol=0, atol=0)
@@ -596,13 +600,13 @@ def test_cuda_statistics_need_no_host_synchronization():
     # update and normalize, with torch's CUDA synchronization detector set to raise.
     x = torch.randn(6, 3, 4, 4, device="cuda")
     running_mean, running_var = torch.zeros(3, device="cuda"), torch.ones(3, device="cuda")
-    tracked = torch.tensor(1, device="cuda")
+    tracked = torch.tensor(0, device="cuda")  # counts this batch: cumulative factor 1
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         gathered = torch.stack([local_stats(x[:2]), local_stats(x[2:])])
         count, mean, var = merge_stats(gathered)
-        update_running_stats(running_mean, running_var, mean, var, count, None, None, tracked)
+        track_batch(running_mean, running_var, mean, var, 0, None, tracked, count_tensor=count)
         invstd = (var + 1e-5).rsqrt().float()
         y = torch.ops.bn_cuda.normalize(x, mean.float(), invstd, None, None)
     finally:
