@@ -210,3 +210,32 @@ def test_cpu_result_does_not_depend_on_thread_count(memory_format):
     many = _forward_backward("cpu", torch.float32, memory_format, True, threads=max(2, torch.get_num_threads()))
     for a, b in zip(one, many, strict=True):
         assert torch.equal(a, b)
+
+
+# ---- float16 / bfloat16 storage: loads and stores round exactly as PyTorch's conversions ----------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1.0, 1.2345678, 3.3e-5, 7e4])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_reduced_dtype_round_trip_matches_pytorch(device, dtype, scale, layout):
+    """Every 16-bit pattern (NaNs, infinities, subnormals, both zeros) through normalize with mean 0,
+    invstd `scale`: y must be bitwise (x.float() * scale + 0).to(dtype), the widening to float being
+    exact and the narrowing rounding to nearest even, as PyTorch's .to() does. Runs of 4097 values
+    (NCHW planes) or rows of 17 channels (channels_last) put values on the vector and scalar paths."""
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    bits = torch.cat([bits, bits[:16]])  # 65552 = 16 planes of 4097 = 3856 rows of 17
+    if layout == "nchw":
+        x = bits.view(dtype).reshape(16, 1, 4097, 1).to(device)
+    else:
+        x = bits.view(dtype).reshape(3856, 1, 1, 17).permute(0, 3, 1, 2).to(device)
+        assert x.is_contiguous(memory_format=torch.channels_last)
+    channels = x.shape[1]
+    mean = torch.zeros(channels, device=device)
+    invstd = torch.full((channels,), scale, device=device)
+    y = torch.ops.bn_cuda.normalize(x, mean, invstd, None, None)
+    expected = (x.float() * scale + 0.0).to(dtype)
+    both_nan = y.isnan() & expected.isnan()
+    same_bits = y.view(torch.int16) == expected.view(torch.int16)
+    assert bool((same_bits | both_nan).all()), int((~(same_bits | both_nan)).sum())

@@ -31,6 +31,13 @@
 #define BN_CUDA_CPU_CLONES
 #endif
 
+// _Float16 vectors (GCC >= 12, Clang) convert half <-> float with F16C where the clone has it.
+#if defined(__FLT16_MAX__) && (defined(__x86_64__) || defined(__aarch64__))
+#define BN_CUDA_HAS_FLOAT16 1
+#else
+#define BN_CUDA_HAS_FLOAT16 0
+#endif
+
 namespace bn_cuda {
 
 template <typename scalar_t>
@@ -52,6 +59,14 @@ struct RawVec<double> {
   typedef double type __attribute__((vector_size(32)));
 };
 
+// One float vector's worth (8 lanes) of 16-bit values and their 32-bit widenings: the storage
+// of half and bfloat16, whose opmath is float.
+typedef uint16_t U16 __attribute__((vector_size(16)));
+typedef uint32_t U32 __attribute__((vector_size(32)));
+#if BN_CUDA_HAS_FLOAT16
+typedef _Float16 F16 __attribute__((vector_size(16)));
+#endif
+
 template <typename scalar_t>
 struct VecIO {
   using acc_t = opmath_t<scalar_t>;
@@ -70,10 +85,8 @@ struct VecIO {
   // Loads kStep values starting at p.
   static void load(const scalar_t* p, Vec& lo, Vec& hi) {
     if constexpr (kReduced) {
-      acc_t buf[kStep];
-      for (int64_t j = 0; j < kStep; ++j) buf[j] = static_cast<acc_t>(p[j]);
-      lo = loadu(buf);
-      hi = loadu(buf + kWidth);
+      lo = widen(p);
+      hi = widen(p + kWidth);
     } else {
       lo = loadu(p);
       hi = loadu(p + kWidth);
@@ -83,13 +96,56 @@ struct VecIO {
   // Stores kStep values starting at p, rounded to scalar_t.
   static void store(scalar_t* p, Vec lo, Vec hi) {
     if constexpr (kReduced) {
-      acc_t buf[kStep];
-      storeu(buf, lo);
-      storeu(buf + kWidth, hi);
-      for (int64_t j = 0; j < kStep; ++j) p[j] = static_cast<scalar_t>(buf[j]);
+      narrow(p, lo);
+      narrow(p + kWidth, hi);
     } else {
       storeu(p, lo);
       storeu(p + kWidth, hi);
+    }
+  }
+
+  // Half and bfloat16 <-> float for kWidth values, as whole vectors (one vpmovzxwd + shift for
+  // bfloat16, vcvtph2ps / vcvtps2ph for half in the x86-64-v3 clone) with the rounding of
+  // c10::Half and c10::BFloat16: round to nearest even, NaN stays NaN.
+  static Vec widen(const scalar_t* p) {
+    Vec v;
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      U16 bits;
+      std::memcpy(&bits, p, sizeof(U16));
+      const U32 wide = __builtin_convertvector(bits, U32) << 16;
+      std::memcpy(&v, &wide, sizeof(Vec));
+#if BN_CUDA_HAS_FLOAT16
+    } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+      F16 h;
+      std::memcpy(&h, p, sizeof(F16));
+      v = __builtin_convertvector(h, Vec);
+#endif
+    } else {
+      acc_t buf[kWidth];
+      for (int64_t j = 0; j < kWidth; ++j) buf[j] = static_cast<acc_t>(p[j]);
+      v = loadu(buf);
+    }
+    return v;
+  }
+
+  static void narrow(scalar_t* p, Vec v) {
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      U32 bits;
+      std::memcpy(&bits, &v, sizeof(U32));
+      U32 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+      const U32 nan = reinterpret_cast<U32>(v != v);  // all ones in NaN lanes
+      rounded = (rounded & ~nan) | (nan & 0x7fc0u);
+      const U16 out = __builtin_convertvector(rounded, U16);
+      std::memcpy(p, &out, sizeof(U16));
+#if BN_CUDA_HAS_FLOAT16
+    } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+      const F16 h = __builtin_convertvector(v, F16);
+      std::memcpy(p, &h, sizeof(F16));
+#endif
+    } else {
+      acc_t buf[kWidth];
+      storeu(buf, v);
+      for (int64_t j = 0; j < kWidth; ++j) p[j] = static_cast<scalar_t>(buf[j]);
     }
   }
 };
