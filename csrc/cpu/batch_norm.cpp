@@ -405,7 +405,16 @@ at::Tensor forward_eval(const at::Tensor& input, const at::Tensor& running_mean,
   check_eps(eps, /*training=*/false, op);
   const at::Tensor mean = channel_vector(running_mean, "running_mean", v, op);
   const at::Tensor var = channel_vector(running_var, "running_var", v, op);
-  const at::Tensor invstd = (var.to(at::kDouble) + eps).rsqrt().to(mean.scalar_type());
+  // invstd = 1 / sqrt(var + eps) in double, rounded once, in one loop: the per-call cost of a
+  // chain of small ATen ops is a visible part of a small layer's eval time.
+  at::Tensor invstd = at::empty_like(var);
+  AT_DISPATCH_FLOATING_TYPES(var.scalar_type(), "bn_cuda_eval_invstd_cpu", [&] {
+    const scalar_t* var_p = var.const_data_ptr<scalar_t>();
+    scalar_t* invstd_p = invstd.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < v.C; ++c) {
+      invstd_p[c] = static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(var_p[c]) + eps));
+    }
+  });
   return normalize_with(v, mean, invstd, channel_vector(weight, "weight", v, 1.0, op),
                         channel_vector(bias, "bias", v, 0.0, op));
 }
@@ -600,6 +609,33 @@ void fused_backward_ncl(const ChannelView& v, const at::Tensor& dy, const at::Te
   });
 }
 
+// (grad_weight, grad_bias) = (sum_dy_xmu * invstd, sum_dy) in param_dtype, each only where
+// wanted (else a (0,) placeholder): one loop instead of a chain of small ATen ops per call.
+std::tuple<at::Tensor, at::Tensor> param_grads(const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
+                                               const at::Tensor& invstd, bool want_weight, bool want_bias,
+                                               at::ScalarType param_dtype) {
+  const auto options = invstd.options().dtype(param_dtype);
+  const int64_t C = invstd.numel();
+  at::Tensor grad_weight = want_weight ? at::empty({C}, options) : not_computed(options);
+  at::Tensor grad_bias = want_bias ? at::empty({C}, options) : not_computed(options);
+  const double* sdy = sum_dy.const_data_ptr<double>();
+  const double* sdx = sum_dy_xmu.const_data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(invstd.scalar_type(), "bn_cuda_param_grads_cpu", [&] {
+    const scalar_t* inv = invstd.const_data_ptr<scalar_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param_dtype, "bn_cuda_param_grads_cpu", [&] {
+      if (want_weight) {
+        scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
+        for (int64_t c = 0; c < C; ++c) gw[c] = static_cast<scalar_t>(sdx[c] * static_cast<double>(inv[c]));
+      }
+      if (want_bias) {
+        scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
+        for (int64_t c = 0; c < C; ++c) gb[c] = static_cast<scalar_t>(sdy[c]);
+      }
+    });
+  });
+  return {grad_weight, grad_bias};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor& input,
                                                         const at::Tensor& mean, const at::Tensor& invstd,
                                                         const c10::optional<at::Tensor>& weight, bool training,
@@ -628,8 +664,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
     } else {
       std::tie(sum_dy, sum_dy_xmu) = grad_sums(v, dy, mean_acc);
     }
-    if (output_mask[1]) grad_weight = (sum_dy_xmu * invstd_acc.to(at::kDouble)).to(param_dtype);
-    if (output_mask[2]) grad_bias = sum_dy.to(param_dtype);
+    if (output_mask[1] || output_mask[2]) {
+      std::tie(grad_weight, grad_bias) =
+          param_grads(sum_dy, sum_dy_xmu, invstd_acc, output_mask[1], output_mask[2], param_dtype);
+    }
     if (training && output_mask[0] && !fused) {
       const double inv_count = v.count() > 0 ? 1.0 / static_cast<double>(v.count()) : 0.0;
       grad_in = grad_input_train(v, dy, mean_acc, invstd_acc, w, (sum_dy * inv_count).to(acc),
