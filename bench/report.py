@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -165,7 +166,10 @@ def _notes(results: Results) -> list[str]:
     if not meta["device"].startswith("cuda"):
         notes.append(
             "CPU: every call allocates its outputs, as eager code does, so for large tensors the "
-            "first touch of fresh pages is part of every implementation's time."
+            "first touch of fresh pages is part of every implementation's time. bn_cuda advises huge "
+            "pages for its outputs of 8 MiB and more (BN_CUDA_CPU_HUGE_PAGES=0 turns that off); PyTorch "
+            "does so for all its allocations only under THP_MEM_ALLOC_ENABLE=1"
+            + (" (set in this run)." if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1" else " (not set in this run).")
         )
     if not meta["device"].startswith("cuda"):
         notes.extend(_load_note(meta))

@@ -172,18 +172,10 @@ Welford channel_stats_ncl(const scalar_t* x, const ChannelView& v, int64_t c) {
   const int64_t stride = v.C * v.L;
   Welford s;
   for_each_chunk(v, c, [&](int64_t offset, int64_t segs, int64_t len) {
-    acc_t shifted = 0;
-    for (int64_t j = 0; j < segs; ++j) {
-      shifted += sum_run<1, false>(x + offset + j * stride, x, len, shifted_op(pivot))[0];
-    }
+    const acc_t shifted = sum_segments<1, false>(x + offset, x, stride, segs, len, shifted_op(pivot))[0];
     const int64_t count = segs * len;
     const Scalar<acc_t> m{shifted / static_cast<acc_t>(count)};
-    acc_t se = 0, see = 0;
-    for (int64_t j = 0; j < segs; ++j) {
-      const auto t = sum_run<2, false>(x + offset + j * stride, x, len, deviation_op(pivot, m));
-      se += t[0];
-      see += t[1];
-    }
+    const auto [se, see] = sum_segments<2, false>(x + offset, x, stride, segs, len, deviation_op(pivot, m));
     s = welford_merge(s, chunk_state(pivot.value, m.value, se, see, count));
   });
   return s;
@@ -388,10 +380,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_train(const a
         invstd_p[c] = static_cast<acc_t>(channel_invstd);
         const auto affine = affine_op(Scalar<acc_t>{mean_p[c]}, Scalar<acc_t>{invstd_p[c] * w_p[c]},
                                       Scalar<acc_t>{b_p[c]});
-        for (int64_t n = v.N - 1; n >= 0; --n) {
-          const int64_t offset = (n * v.C + c) * v.L;
-          map_run<false>(x + offset, x, out + offset, v.L, affine);
-        }
+        const int64_t last = ((v.N - 1) * v.C + c) * v.L;  // planes from last to first
+        map_segments<false>(x + last, x, out + last, -v.C * v.L, v.N, v.L, affine);
       }
     });
   });
@@ -420,7 +410,8 @@ at::Tensor forward_eval(const at::Tensor& input, const at::Tensor& running_mean,
 }
 
 // (sum dy, sum dy * (x - mean)) for channel c of a channels-first view: float per run of at
-// most kChunk values, double across runs.
+// most kChunk values, double across runs (summing a chunk's runs in float would lose accuracy
+// against PyTorch's weight and bias gradients).
 template <typename scalar_t>
 std::pair<double, double> channel_grad_sums_ncl(const scalar_t* x, const scalar_t* dy, const ChannelView& v,
                                                 int64_t c, opmath_t<scalar_t> mean) {
@@ -600,10 +591,8 @@ void fused_backward_ncl(const ChannelView& v, const at::Tensor& dy, const at::Te
         const Scalar<acc_t> k{invstd_p[c] * invstd_p[c] * static_cast<acc_t>(sdx[c] * inv_count)};
         const Scalar<acc_t> scale{invstd_p[c] * w_p[c]};
         const auto op = grad_input_op<true>(Scalar<acc_t>{mean_p[c]}, a, k, scale);
-        for (int64_t n = v.N - 1; n >= 0; --n) {
-          const int64_t offset = (n * v.C + c) * v.L;
-          map_run<true>(x + offset, g + offset, dx + offset, v.L, op);
-        }
+        const int64_t last = ((v.N - 1) * v.C + c) * v.L;  // planes from last to first
+        map_segments<true>(x + last, g + last, dx + last, -v.C * v.L, v.N, v.L, op);
       }
     });
   });

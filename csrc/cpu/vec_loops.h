@@ -31,13 +31,6 @@
 #define BN_CUDA_CPU_CLONES
 #endif
 
-// _Float16 vectors (GCC >= 12, Clang) convert half <-> float with F16C where the clone has it.
-#if defined(__FLT16_MAX__) && (defined(__x86_64__) || defined(__aarch64__))
-#define BN_CUDA_HAS_FLOAT16 1
-#else
-#define BN_CUDA_HAS_FLOAT16 0
-#endif
-
 namespace bn_cuda {
 
 template <typename scalar_t>
@@ -63,9 +56,15 @@ struct RawVec<double> {
 // of half and bfloat16, whose opmath is float.
 typedef uint16_t U16 __attribute__((vector_size(16)));
 typedef uint32_t U32 __attribute__((vector_size(32)));
-#if BN_CUDA_HAS_FLOAT16
-typedef _Float16 F16 __attribute__((vector_size(16)));
-#endif
+typedef int32_t I32 __attribute__((vector_size(32)));
+
+template <typename V, typename U>
+V bit_cast_vec(U u) {
+  static_assert(sizeof(V) == sizeof(U));
+  V v;
+  std::memcpy(&v, &u, sizeof(V));
+  return v;
+}
 
 template <typename scalar_t>
 struct VecIO {
@@ -104,9 +103,9 @@ struct VecIO {
     }
   }
 
-  // Half and bfloat16 <-> float for kWidth values, as whole vectors (one vpmovzxwd + shift for
-  // bfloat16, vcvtph2ps / vcvtps2ph for half in the x86-64-v3 clone) with the rounding of
-  // c10::Half and c10::BFloat16: round to nearest even, NaN stays NaN.
+  // Half and bfloat16 <-> float for kWidth values, as whole vectors of integer and float
+  // operations (vectorized in both clones, no F16C needed), with the results of c10::Half and
+  // c10::BFloat16's conversions: exact widening, narrowing rounded to nearest even, NaN stays NaN.
   static Vec widen(const scalar_t* p) {
     Vec v;
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
@@ -114,12 +113,19 @@ struct VecIO {
       std::memcpy(&bits, p, sizeof(U16));
       const U32 wide = __builtin_convertvector(bits, U32) << 16;
       std::memcpy(&v, &wide, sizeof(Vec));
-#if BN_CUDA_HAS_FLOAT16
     } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-      F16 h;
-      std::memcpy(&h, p, sizeof(F16));
-      v = __builtin_convertvector(h, Vec);
-#endif
+      // c10's fp16_ieee_to_fp32_value on 8 lanes: normals by rebiasing the exponent with one
+      // multiply, subnormals by a magic-number subtraction; exact, as the scalar conversion.
+      U16 bits;
+      std::memcpy(&bits, p, sizeof(U16));
+      const U32 w = __builtin_convertvector(bits, U32) << 16;
+      const U32 sign = w & 0x80000000u;
+      const U32 two_w = w + w;
+      const Vec normalized = bit_cast_vec<Vec>((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+      const Vec denormalized = bit_cast_vec<Vec>((two_w >> 17) | (126u << 23)) - 0.5f;
+      const U32 is_small = reinterpret_cast<U32>(two_w < (1u << 27));
+      const U32 magnitude = (bit_cast_vec<U32>(denormalized) & is_small) | (bit_cast_vec<U32>(normalized) & ~is_small);
+      v = bit_cast_vec<Vec>(sign | magnitude);
     } else {
       acc_t buf[kWidth];
       for (int64_t j = 0; j < kWidth; ++j) buf[j] = static_cast<acc_t>(p[j]);
@@ -137,11 +143,22 @@ struct VecIO {
       rounded = (rounded & ~nan) | (nan & 0x7fc0u);
       const U16 out = __builtin_convertvector(rounded, U16);
       std::memcpy(p, &out, sizeof(U16));
-#if BN_CUDA_HAS_FLOAT16
     } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-      const F16 h = __builtin_convertvector(v, F16);
-      std::memcpy(p, &h, sizeof(F16));
-#endif
+      // c10's fp16_ieee_from_fp32_value on 8 lanes: the float adds round to nearest even at
+      // half's precision (subnormals included); overflow gives inf, NaN gives 0x7E00.
+      const U32 w = bit_cast_vec<U32>(v);
+      const U32 shl1_w = w + w;
+      const U32 sign = w & 0x80000000u;
+      Vec base = (bit_cast_vec<Vec>(w & 0x7FFFFFFFu) * 0x1.0p+112f) * 0x1.0p-110f;
+      U32 bias = shl1_w & 0xFF000000u;
+      bias = bias < 0x71000000u ? U32{} + 0x71000000u : bias;
+      base = bit_cast_vec<Vec>((bias >> 1) + 0x07800000u) + base;
+      const U32 rounded = bit_cast_vec<U32>(base);
+      const U32 nonsign = ((rounded >> 13) & 0x00007C00u) + (rounded & 0x00000FFFu);
+      const U32 is_nan = reinterpret_cast<U32>(shl1_w > 0xFF000000u);
+      const U32 out32 = (sign >> 16) | (is_nan & 0x7E00u) | (~is_nan & nonsign);
+      const U16 out = __builtin_convertvector(out32, U16);
+      std::memcpy(p, &out, sizeof(U16));
     } else {
       acc_t buf[kWidth];
       storeu(buf, v);
@@ -177,48 +194,66 @@ struct PerLane {
   }
 };
 
-// out[i] = op(i, a[i], b[i]) for i in [0, n); b is read only when kHasB.
+// out[i] = op(i, a[i], b[i]) for i in [0, n) of each of `segs` runs, run s starting at
+// s * stride (stride may be negative: the runs are walked in the order given); b is read only
+// when kHasB. One call covers many short runs (a channel's planes of 7x7 values), so the call
+// and loop setup are paid once.
 template <bool kHasB, typename scalar_t, typename Op>
-BN_CUDA_CPU_CLONES void map_run(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t n, const Op& op) {
+BN_CUDA_CPU_CLONES void map_segments(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t stride,
+                                     int64_t segs, int64_t n, const Op& op) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
-  int64_t i = 0;
-  for (; i + IO::kStep <= n; i += IO::kStep) {
-    Vec a0, a1, b0{}, b1{};
-    IO::load(a + i, a0, a1);
-    if constexpr (kHasB) IO::load(b + i, b0, b1);
-    IO::store(out + i, op(i, a0, b0), op(i + IO::kWidth, a1, b1));
+  for (int64_t s = 0; s < segs; ++s) {
+    const int64_t o = s * stride;
+    int64_t i = 0;
+    for (; i + IO::kStep <= n; i += IO::kStep) {
+      Vec a0, a1, b0{}, b1{};
+      IO::load(a + o + i, a0, a1);
+      if constexpr (kHasB) IO::load(b + o + i, b0, b1);
+      IO::store(out + o + i, op(i, a0, b0), op(i + IO::kWidth, a1, b1));
+    }
+    for (; i < n; ++i) {
+      const acc_t bi = kHasB ? static_cast<acc_t>(b[o + i]) : acc_t(0);
+      out[o + i] = static_cast<scalar_t>(op(i, static_cast<acc_t>(a[o + i]), bi));
+    }
   }
-  for (; i < n; ++i) {
-    const acc_t bi = kHasB ? static_cast<acc_t>(b[i]) : acc_t(0);
-    out[i] = static_cast<scalar_t>(op(i, static_cast<acc_t>(a[i]), bi));
-  }
+}
+
+// One run: out[i] = op(i, a[i], b[i]) for i in [0, n).
+template <bool kHasB, typename scalar_t, typename Op>
+void map_run(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t n, const Op& op) {
+  map_segments<kHasB>(a, b, out, 0, 1, n, op);
 }
 
 // Reductions: op(i, x, g, acc) adds its K terms into acc[0..K) (T acc[K]).
 
-// The K sums over i in [0, n) of op's terms, in opmath. Lanes are added in a fixed order, so the
+// The K sums of op's terms over i in [0, n) of each of `segs` runs (run s at s * stride), in
+// opmath, in vector accumulators kept across the runs. Lanes are added in a fixed order, so the
 // result depends only on the values.
 template <int K, bool kHasB, typename scalar_t, typename Op>
-BN_CUDA_CPU_CLONES std::array<opmath_t<scalar_t>, K> sum_run(const scalar_t* a, const scalar_t* b, int64_t n,
-                                                              const Op& op) {
+BN_CUDA_CPU_CLONES std::array<opmath_t<scalar_t>, K> sum_segments(const scalar_t* a, const scalar_t* b,
+                                                                   int64_t stride, int64_t segs, int64_t n,
+                                                                   const Op& op) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
   Vec lo[K] = {}, hi[K] = {};
-  int64_t i = 0;
-  for (; i + IO::kStep <= n; i += IO::kStep) {
-    Vec a0, a1, b0{}, b1{};
-    IO::load(a + i, a0, a1);
-    if constexpr (kHasB) IO::load(b + i, b0, b1);
-    op(i, a0, b0, lo);
-    op(i + IO::kWidth, a1, b1, hi);
-  }
   acc_t tail[K] = {};
-  for (; i < n; ++i) {
-    const acc_t bi = kHasB ? static_cast<acc_t>(b[i]) : acc_t(0);
-    op(i, static_cast<acc_t>(a[i]), bi, tail);
+  for (int64_t s = 0; s < segs; ++s) {
+    const int64_t o = s * stride;
+    int64_t i = 0;
+    for (; i + IO::kStep <= n; i += IO::kStep) {
+      Vec a0, a1, b0{}, b1{};
+      IO::load(a + o + i, a0, a1);
+      if constexpr (kHasB) IO::load(b + o + i, b0, b1);
+      op(i, a0, b0, lo);
+      op(i + IO::kWidth, a1, b1, hi);
+    }
+    for (; i < n; ++i) {
+      const acc_t bi = kHasB ? static_cast<acc_t>(b[o + i]) : acc_t(0);
+      op(i, static_cast<acc_t>(a[o + i]), bi, tail);
+    }
   }
   std::array<acc_t, K> total{};
   for (int k = 0; k < K; ++k) {
@@ -228,6 +263,12 @@ BN_CUDA_CPU_CLONES std::array<opmath_t<scalar_t>, K> sum_run(const scalar_t* a, 
     total[k] += tail[k];
   }
   return total;
+}
+
+// One run: the K sums over i in [0, n).
+template <int K, bool kHasB, typename scalar_t, typename Op>
+std::array<opmath_t<scalar_t>, K> sum_run(const scalar_t* a, const scalar_t* b, int64_t n, const Op& op) {
+  return sum_segments<K, kHasB>(a, b, 0, 1, n, op);
 }
 
 // acc[k][i] += op's term k for i in [0, n): per-lane sums along a channels-last row.
