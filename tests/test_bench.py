@@ -279,3 +279,18 @@ def test_wrong_results_are_flagged(tmp_path):
     assert "float64 reference" in table
     row = next(line for line in table.splitlines() if line.startswith("| 4x3x2x2 |"))
     assert row.split("|")[4].strip().endswith("!")  # the candidate's time carries the mismatch mark
+
+
+def test_geomean_summary_uses_the_faster_baseline_per_row(tmp_path):
+    from bench.geomean import summarize
+
+    path = tmp_path / "results.csv"
+    path.write_text(
+        "shape,format,pass,speedup_vs_torch,speedup_vs_torch_compile\n"
+        "a,nchw,fwd-train,4.0,1.0\n"
+        "b,nchw,fwd-train,1.0,0.25\n"
+        "c,nchw,fwd-train,2.0,\n"  # a failed baseline: left out
+    )
+    lines = summarize(str(path))
+    assert lines[2] == "| fwd-train | nchw | 2.00x | 0.50x | 0.25x (b) |"
+    assert len(lines) == 3
