@@ -312,7 +312,7 @@ std::tuple<at::Tensor, at::Tensor> stats(const at::Tensor& input) {
 // `backward`: the channels-last pass walks rows backwards (it follows a full read of x).
 at::Tensor normalize_with(const ChannelView& v, const at::Tensor& mean, const at::Tensor& invstd,
                           const at::Tensor& weight, const at::Tensor& bias, bool backward = false) {
-  at::Tensor y = empty_output(v.x, v.format);
+  at::Tensor y = empty_output(v);
   if (v.x.numel() == 0) return y;
   const at::Tensor scale = invstd * weight;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "bn_cuda_normalize_cpu", [&] {
@@ -357,7 +357,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_train(const a
   }
   // Channels-first: statistics and normalization of one channel back to back, while it is hot;
   // the normalization walks the segments backwards, starting on the most recently read.
-  at::Tensor y = empty_output(v.x, v.format);
+  at::Tensor y = empty_output(v);
   at::Tensor mean = at::empty({v.C}, v.x.options().dtype(acc));
   at::Tensor invstd = at::empty({v.C}, v.x.options().dtype(acc));
   at::Tensor var = at::empty({v.C}, v.x.options().dtype(acc));
@@ -544,7 +544,7 @@ void grad_input(const ChannelView& v, const at::Tensor& dy, const at::Tensor& dx
 at::Tensor grad_input_train(const ChannelView& v, const at::Tensor& dy, const at::Tensor& mean,
                             const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& mean_dy,
                             const at::Tensor& mean_dy_xmu, bool backward = false) {
-  at::Tensor dx = empty_output(v.x, v.format);
+  at::Tensor dx = empty_output(v);
   if (v.x.numel() == 0) return dx;
   const at::Tensor k = invstd * invstd * mean_dy_xmu;
   const at::Tensor s = invstd * weight;
@@ -646,7 +646,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
     at::Tensor sum_dy, sum_dy_xmu;
     const bool fused = training && output_mask[0] && !v.channels_last && v.count() > 0;
     if (fused) {
-      grad_in = empty_output(v.x, v.format);
+      grad_in = empty_output(v);
       sum_dy = at::empty({v.C}, v.x.options().dtype(at::kDouble));
       sum_dy_xmu = at::empty({v.C}, v.x.options().dtype(at::kDouble));
       fused_backward_ncl(v, dy, mean_acc, invstd_acc, w, grad_in, sum_dy, sum_dy_xmu);
@@ -664,7 +664,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
     }
   }
   if (!training && output_mask[0]) {
-    grad_in = empty_output(v.x, v.format);
+    grad_in = empty_output(v);
     if (v.x.numel() > 0) {
       const at::Tensor s = invstd_acc * w;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "bn_cuda_grad_input_eval_cpu", [&] {

@@ -15,6 +15,8 @@
 
 #include <ATen/ATen.h>
 
+#include "op_checks.h"
+
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -55,9 +57,9 @@ inline void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
-// at::empty with x's sizes in memory format `format`, large ones advised to use huge pages.
-inline at::Tensor empty_output(const at::Tensor& x, at::MemoryFormat format) {
-  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(format));
+// empty_like_view (the view's dense output), large ones advised to use huge pages.
+inline at::Tensor empty_output(const ChannelView& v) {
+  at::Tensor out = empty_like_view(v);
   advise_huge_pages(out);
   return out;
 }

@@ -56,7 +56,6 @@ struct RawVec<double> {
 // of half and bfloat16, whose opmath is float.
 typedef uint16_t U16 __attribute__((vector_size(16)));
 typedef uint32_t U32 __attribute__((vector_size(32)));
-typedef int32_t I32 __attribute__((vector_size(32)));
 
 template <typename V, typename U>
 V bit_cast_vec(U u) {
@@ -107,31 +106,23 @@ struct VecIO {
   // operations (vectorized in both clones, no F16C needed), with the results of c10::Half and
   // c10::BFloat16's conversions: exact widening, narrowing rounded to nearest even, NaN stays NaN.
   static Vec widen(const scalar_t* p) {
-    Vec v;
+    U16 bits;
+    std::memcpy(&bits, p, sizeof(U16));
+    const U32 w = __builtin_convertvector(bits, U32) << 16;  // the 16 bits at the top of each lane
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      U16 bits;
-      std::memcpy(&bits, p, sizeof(U16));
-      const U32 wide = __builtin_convertvector(bits, U32) << 16;
-      std::memcpy(&v, &wide, sizeof(Vec));
-    } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+      return bit_cast_vec<Vec>(w);
+    } else {
+      static_assert(std::is_same_v<scalar_t, c10::Half>, "reduced types: half and bfloat16");
       // c10's fp16_ieee_to_fp32_value on 8 lanes: normals by rebiasing the exponent with one
       // multiply, subnormals by a magic-number subtraction; exact, as the scalar conversion.
-      U16 bits;
-      std::memcpy(&bits, p, sizeof(U16));
-      const U32 w = __builtin_convertvector(bits, U32) << 16;
       const U32 sign = w & 0x80000000u;
       const U32 two_w = w + w;
       const Vec normalized = bit_cast_vec<Vec>((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
       const Vec denormalized = bit_cast_vec<Vec>((two_w >> 17) | (126u << 23)) - 0.5f;
       const U32 is_small = reinterpret_cast<U32>(two_w < (1u << 27));
       const U32 magnitude = (bit_cast_vec<U32>(denormalized) & is_small) | (bit_cast_vec<U32>(normalized) & ~is_small);
-      v = bit_cast_vec<Vec>(sign | magnitude);
-    } else {
-      acc_t buf[kWidth];
-      for (int64_t j = 0; j < kWidth; ++j) buf[j] = static_cast<acc_t>(p[j]);
-      v = loadu(buf);
+      return bit_cast_vec<Vec>(sign | magnitude);
     }
-    return v;
   }
 
   static void narrow(scalar_t* p, Vec v) {
@@ -143,7 +134,8 @@ struct VecIO {
       rounded = (rounded & ~nan) | (nan & 0x7fc0u);
       const U16 out = __builtin_convertvector(rounded, U16);
       std::memcpy(p, &out, sizeof(U16));
-    } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    } else {
+      static_assert(std::is_same_v<scalar_t, c10::Half>, "reduced types: half and bfloat16");
       // c10's fp16_ieee_from_fp32_value on 8 lanes: the float adds round to nearest even at
       // half's precision (subnormals included); overflow gives inf, NaN gives 0x7E00.
       const U32 w = bit_cast_vec<U32>(v);
@@ -159,10 +151,6 @@ struct VecIO {
       const U32 out32 = (sign >> 16) | (is_nan & 0x7E00u) | (~is_nan & nonsign);
       const U16 out = __builtin_convertvector(out32, U16);
       std::memcpy(p, &out, sizeof(U16));
-    } else {
-      acc_t buf[kWidth];
-      storeu(buf, v);
-      for (int64_t j = 0; j < kWidth; ++j) p[j] = static_cast<scalar_t>(buf[j]);
     }
   }
 };
