@@ -34,8 +34,10 @@ def build_info() -> dict[str, object]:
     """Which backends the compiled extension has, and the torch it runs with.
 
     Returns a dict: ``cpu`` and ``cuda`` (bool: kernels compiled in), ``cuda_available``
-    (a GPU usable right now), ``torch`` (version string), ``torch_cuda`` (torch's CUDA version
-    or None).
+    (a GPU usable right now), ``cpu_isa`` (the instruction set the CPU kernels' loops run with:
+    "x86-64-v3" (AVX2, FMA, F16C) where the CPU has it, else "baseline"; the environment variable
+    BN_CUDA_CPU_ISA=baseline, read at the first CPU call, forces the baseline), ``torch`` (version
+    string), ``torch_cuda`` (torch's CUDA version or None).
     """
 
     def has_kernel(key: str) -> bool:
@@ -45,6 +47,7 @@ def build_info() -> dict[str, object]:
         "cpu": has_kernel("CPU"),
         "cuda": has_kernel("CUDA"),
         "cuda_available": torch.cuda.is_available(),
+        "cpu_isa": _C.cpu_isa(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
     }

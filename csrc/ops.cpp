@@ -14,11 +14,25 @@
 #include <Python.h>
 #include <torch/library.h>
 
+namespace bn_cuda {
+const char* cpu_isa_name();  // csrc/cpu/batch_norm.cpp
+}  // namespace bn_cuda
+
 namespace {
 
-// The Python module only exists so that `import bn_cuda._C` loads this library and its
+// cpu_isa() -> str: the instruction set the CPU kernels' loops run with ("x86-64-v3" or
+// "baseline"; see csrc/cpu/vec_loops.h).
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(bn_cuda::cpu_isa_name());
+}
+
+PyMethodDef bn_cuda_methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set of the CPU kernels' loops."},
+    {nullptr, nullptr, 0, nullptr}};
+
+// The Python module exists so that `import bn_cuda._C` loads this library and its
 // registrations; the ops are reached through torch.ops.bn_cuda.
-PyModuleDef bn_cuda_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyModuleDef bn_cuda_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, bn_cuda_methods};
 
 }  // namespace
 

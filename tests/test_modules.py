@@ -390,7 +390,7 @@ def test_convert_model_is_idempotent():
 
 def test_build_info():
     info = bn_cuda.build_info()
-    assert set(info) == {"cpu", "cuda", "cuda_available", "torch", "torch_cuda"}
+    assert set(info) == {"cpu", "cuda", "cuda_available", "cpu_isa", "torch", "torch_cuda"}
     assert info["cpu"] is True
     assert isinstance(info["cuda"], bool)
     assert info["cuda_available"] == torch.cuda.is_available()

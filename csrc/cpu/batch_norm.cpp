@@ -679,6 +679,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
 }
 
 }  // namespace
+
+const char* cpu_isa_name() {
+  return isa_name(selected_isa());
+}
+
 }  // namespace bn_cuda
 
 TORCH_LIBRARY_IMPL(bn_cuda, CPU, m) {

@@ -16,29 +16,82 @@
 
 #include <array>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
-// The loops are compiled for baseline x86-64 and, with GCC, also for x86-64-v3 (AVX2, FMA, F16C);
-// the dynamic loader picks the clone the CPU supports (ifunc), so no user needs AVX2 and users
-// who have it get 256-bit vectors: ~2x the baseline's throughput on cache-resident tensors.
+// The loops are compiled twice on x86-64 with GCC: for baseline x86-64 and for x86-64-v3 (AVX2,
+// FMA, F16C), and each call runs the version the CPU supports (checked once; the environment
+// variable BN_CUDA_CPU_ISA=baseline forces the baseline, which is how the tests cover it here).
+// The v3 version gets 256-bit vectors (~2x the baseline's throughput on cache-resident tensors)
+// and converts half <-> float with F16C's single instructions (~4x less work per value than the
+// integer sequence the baseline needs). Results may differ between the two in the last bit
+// where v3 fuses a multiply and an add into one FMA.
 // -Wpsabi only warns that 32-byte vector arguments have a different ABI with and without AVX:
 // the operations that take them are lambdas inlined into these loops, never called across ISAs.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define BN_CUDA_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define BN_CUDA_CPU_DISPATCH 1
+#define BN_CUDA_CPU_TARGET_V3 __attribute__((target("arch=x86-64-v3")))
 #pragma GCC diagnostic ignored "-Wpsabi"
 #else
-#define BN_CUDA_CPU_CLONES
+#define BN_CUDA_CPU_DISPATCH 0
+#define BN_CUDA_CPU_TARGET_V3
 #endif
+#define BN_CUDA_CPU_INLINE inline __attribute__((always_inline))
 
 namespace bn_cuda {
+
+enum class Isa { kBaseline, kV3 };
+
+// The version the loops run: kV3 where the CPU has x86-64-v3 and BN_CUDA_CPU_ISA is not
+// "baseline". Decided on first use.
+inline Isa selected_isa() {
+#if BN_CUDA_CPU_DISPATCH
+  static const Isa isa = [] {
+    const char* env = std::getenv("BN_CUDA_CPU_ISA");
+    if (env != nullptr && std::strcmp(env, "baseline") == 0) return Isa::kBaseline;
+    return __builtin_cpu_supports("x86-64-v3") ? Isa::kV3 : Isa::kBaseline;
+  }();
+  return isa;
+#else
+  return Isa::kBaseline;
+#endif
+}
+
+inline const char* isa_name(Isa isa) {
+  return isa == Isa::kV3 ? "x86-64-v3" : "baseline";
+}
+
+template <Isa kIsa>
+struct IsaTag {
+  static constexpr Isa value = kIsa;
+};
+
+// body(IsaTag<kIsa>{}) compiled for kIsa: body must be an always-inline lambda, so that it and
+// the loop it calls are compiled into these functions, with their target.
+template <typename Body>
+BN_CUDA_CPU_TARGET_V3 void run_v3(const Body& body) {
+  body(IsaTag<Isa::kV3>{});
+}
+template <typename Body>
+void run_baseline(const Body& body) {
+  body(IsaTag<Isa::kBaseline>{});
+}
+template <typename Body>
+BN_CUDA_CPU_INLINE void run_selected(const Body& body) {
+  if (BN_CUDA_CPU_DISPATCH && selected_isa() == Isa::kV3) {
+    run_v3(body);
+  } else {
+    run_baseline(body);
+  }
+}
 
 template <typename scalar_t>
 using opmath_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 // 32 bytes of acc_t as a GCC/Clang vector type. Not at::vec::Vectorized: in an extension compiled
 // for the baseline ISA, Vectorized is its generic std::array version, which GCC keeps on the
-// stack; plain vector types stay in registers (one AVX register in the x86-64-v3 clone, two SSE
+// stack; plain vector types stay in registers (one AVX register in the x86-64-v3 version, two SSE
 // registers in the baseline one). Aggregates of vectors (std::array returns) are avoided for the
 // same reason: GCC splits them through general-purpose registers.
 template <typename acc_t>
@@ -65,7 +118,7 @@ V bit_cast_vec(U u) {
   return v;
 }
 
-template <typename scalar_t>
+template <typename scalar_t, Isa kIsa>
 struct VecIO {
   using acc_t = opmath_t<scalar_t>;
   using Vec = typename RawVec<acc_t>::type;
@@ -102,12 +155,19 @@ struct VecIO {
     }
   }
 
-  // Half and bfloat16 <-> float for kWidth values, as whole vectors of integer and float
-  // operations (vectorized in both clones, no F16C needed), with the results of c10::Half and
+  // Half and bfloat16 <-> float for kWidth values, with the results of c10::Half and
   // c10::BFloat16's conversions: exact widening, narrowing rounded to nearest even, NaN stays NaN.
+  // Half on v3 uses F16C's instructions (written as inline assembly: the intrinsics would not
+  // inline into the loop bodies, which are templates compiled for the baseline before they are
+  // inlined into run_v3); otherwise, whole vectors of integer and float operations.
   static Vec widen(const scalar_t* p) {
     U16 bits;
     std::memcpy(&bits, p, sizeof(U16));
+    if constexpr (std::is_same_v<scalar_t, c10::Half> && kIsa == Isa::kV3) {
+      Vec v;
+      asm("vcvtph2ps %1, %0" : "=x"(v) : "x"(bits));
+      return v;
+    }
     const U32 w = __builtin_convertvector(bits, U32) << 16;  // the 16 bits at the top of each lane
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       return bit_cast_vec<Vec>(w);
@@ -133,6 +193,12 @@ struct VecIO {
       const U32 nan = reinterpret_cast<U32>(v != v);  // all ones in NaN lanes
       rounded = (rounded & ~nan) | (nan & 0x7fc0u);
       const U16 out = __builtin_convertvector(rounded, U16);
+      std::memcpy(p, &out, sizeof(U16));
+    } else if constexpr (kIsa == Isa::kV3) {
+      // Immediate 0: round to nearest even (a NaN keeps a payload where the code below gives
+      // 0x7E00; both are NaN).
+      U16 out;
+      asm("vcvtps2ph $0, %1, %0" : "=x"(out) : "x"(v));
       std::memcpy(p, &out, sizeof(U16));
     } else {
       static_assert(std::is_same_v<scalar_t, c10::Half>, "reduced types: half and bfloat16");
@@ -160,10 +226,17 @@ struct VecIO {
 // PerLane: the run is a channels-last row, lane i is channel i.
 template <typename acc_t>
 struct Scalar {
+  using Vec = typename RawVec<acc_t>::type;
   acc_t value;
+  Vec splat;  // value in every lane, made once: the baseline builds it through the stack
+  Scalar(acc_t v) : value(v), splat(Vec{} + v) {}
   template <typename T>
   T at(int64_t) const {
-    return T{} + value;
+    if constexpr (std::is_same_v<T, acc_t>) {
+      return value;
+    } else {
+      return splat;
+    }
   }
 };
 
@@ -182,14 +255,17 @@ struct PerLane {
   }
 };
 
+// Each loop below is a body template, compiled for each ISA by its wrapper through
+// run_selected.
+
 // out[i] = op(i, a[i], b[i]) for i in [0, n) of each of `segs` runs, run s starting at
 // s * stride (stride may be negative: the runs are walked in the order given); b is read only
 // when kHasB. One call covers many short runs (a channel's planes of 7x7 values), so the call
 // and loop setup are paid once.
-template <bool kHasB, typename scalar_t, typename Op>
-BN_CUDA_CPU_CLONES void map_segments(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t stride,
-                                     int64_t segs, int64_t n, const Op& op) {
-  using IO = VecIO<scalar_t>;
+template <Isa kIsa, bool kHasB, typename scalar_t, typename Op>
+BN_CUDA_CPU_INLINE void map_segments_body(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t stride,
+                                          int64_t segs, int64_t n, const Op& op) {
+  using IO = VecIO<scalar_t, kIsa>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
   for (int64_t s = 0; s < segs; ++s) {
@@ -208,6 +284,14 @@ BN_CUDA_CPU_CLONES void map_segments(const scalar_t* a, const scalar_t* b, scala
   }
 }
 
+template <bool kHasB, typename scalar_t, typename Op>
+void map_segments(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t stride, int64_t segs, int64_t n,
+                  const Op& op) {
+  run_selected([&](auto isa) __attribute__((always_inline)) {
+    map_segments_body<decltype(isa)::value, kHasB>(a, b, out, stride, segs, n, op);
+  });
+}
+
 // One run: out[i] = op(i, a[i], b[i]) for i in [0, n).
 template <bool kHasB, typename scalar_t, typename Op>
 void map_run(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t n, const Op& op) {
@@ -219,11 +303,11 @@ void map_run(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t n, con
 // The K sums of op's terms over i in [0, n) of each of `segs` runs (run s at s * stride), in
 // opmath, in vector accumulators kept across the runs. Lanes are added in a fixed order, so the
 // result depends only on the values.
-template <int K, bool kHasB, typename scalar_t, typename Op>
-BN_CUDA_CPU_CLONES std::array<opmath_t<scalar_t>, K> sum_segments(const scalar_t* a, const scalar_t* b,
-                                                                   int64_t stride, int64_t segs, int64_t n,
-                                                                   const Op& op) {
-  using IO = VecIO<scalar_t>;
+template <Isa kIsa, int K, bool kHasB, typename scalar_t, typename Op>
+BN_CUDA_CPU_INLINE std::array<opmath_t<scalar_t>, K> sum_segments_body(const scalar_t* a, const scalar_t* b,
+                                                                       int64_t stride, int64_t segs, int64_t n,
+                                                                       const Op& op) {
+  using IO = VecIO<scalar_t, kIsa>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
   Vec lo[K] = {}, hi[K] = {};
@@ -253,6 +337,16 @@ BN_CUDA_CPU_CLONES std::array<opmath_t<scalar_t>, K> sum_segments(const scalar_t
   return total;
 }
 
+template <int K, bool kHasB, typename scalar_t, typename Op>
+std::array<opmath_t<scalar_t>, K> sum_segments(const scalar_t* a, const scalar_t* b, int64_t stride, int64_t segs,
+                                               int64_t n, const Op& op) {
+  std::array<opmath_t<scalar_t>, K> total;
+  run_selected([&](auto isa) __attribute__((always_inline)) {
+    total = sum_segments_body<decltype(isa)::value, K, kHasB>(a, b, stride, segs, n, op);
+  });
+  return total;
+}
+
 // One run: the K sums over i in [0, n).
 template <int K, bool kHasB, typename scalar_t, typename Op>
 std::array<opmath_t<scalar_t>, K> sum_run(const scalar_t* a, const scalar_t* b, int64_t n, const Op& op) {
@@ -260,10 +354,10 @@ std::array<opmath_t<scalar_t>, K> sum_run(const scalar_t* a, const scalar_t* b, 
 }
 
 // acc[k][i] += op's term k for i in [0, n): per-lane sums along a channels-last row.
-template <int K, bool kHasB, typename scalar_t, typename Op>
-BN_CUDA_CPU_CLONES void accumulate_row(const scalar_t* a, const scalar_t* b, int64_t n, const Op& op,
-                                       opmath_t<scalar_t>* const* acc) {
-  using IO = VecIO<scalar_t>;
+template <Isa kIsa, int K, bool kHasB, typename scalar_t, typename Op>
+BN_CUDA_CPU_INLINE void accumulate_row_body(const scalar_t* a, const scalar_t* b, int64_t n, const Op& op,
+                                            opmath_t<scalar_t>* const* acc) {
+  using IO = VecIO<scalar_t, kIsa>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
   acc_t* dst[K];
@@ -292,6 +386,13 @@ BN_CUDA_CPU_CLONES void accumulate_row(const scalar_t* a, const scalar_t* b, int
     op(i, static_cast<acc_t>(a[i]), bi, t);
     for (int k = 0; k < K; ++k) dst[k][i] = t[k];
   }
+}
+
+template <int K, bool kHasB, typename scalar_t, typename Op>
+void accumulate_row(const scalar_t* a, const scalar_t* b, int64_t n, const Op& op, opmath_t<scalar_t>* const* acc) {
+  run_selected([&](auto isa) __attribute__((always_inline)) {
+    accumulate_row_body<decltype(isa)::value, K, kHasB>(a, b, n, op, acc);
+  });
 }
 
 }  // namespace bn_cuda
