@@ -51,6 +51,8 @@ constexpr int64_t kMaxBlockRows = 256;
 constexpr int64_t kSumRows = 16;
 // At most this many groups of blocks, each with its own per-channel partials.
 constexpr int64_t kMaxGroups = 64;
+// Channels per task of the final merge of channels-last group states.
+constexpr int64_t kMergeGrain = 256;
 // Values per task of a purely elementwise pass.
 constexpr int64_t kElementwiseGrain = 32768;
 
@@ -221,14 +223,14 @@ std::vector<Welford> channel_stats_nlc(const scalar_t* x, const ChannelView& v) 
     int64_t count = 0;
     for (int64_t r0 = split.begin(g); r0 < split.end(g); r0 += split.block_rows) {
       const int64_t r1 = std::min(split.end(g), r0 + split.block_rows);
+      // First pass row by row (the block comes from memory: rows are the prefetcher's streams),
+      // the second down column tiles (the block is in L2 now; the sums stay in registers).
       std::fill(m.begin(), m.end(), acc_t(0));
       for (int64_t r = r0; r < r1; ++r) accumulate_row<1, false>(x + r * C, x, C, shifted_op(pivot), shifted_sums);
       const acc_t inv_rows = acc_t(1) / static_cast<acc_t>(r1 - r0);
       for (int64_t c = 0; c < C; ++c) m[c] *= inv_rows;
-      std::fill(se.begin(), se.end(), acc_t(0));
-      std::fill(see.begin(), see.end(), acc_t(0));
-      const auto deviation = deviation_op(pivot, PerLane<acc_t>{m.data()});
-      for (int64_t r = r0; r < r1; ++r) accumulate_row<2, false>(x + r * C, x, C, deviation, deviation_sums);
+      sum_rows<2, false>(x + r0 * C, x, C, r1 - r0, C, deviation_op(pivot, PerLane<acc_t>{m.data()}),
+                         deviation_sums);
       for (int64_t c = 0; c < C; ++c) {
         const Welford b = chunk_state(pivot_values[c], m[c], se[c], see[c], r1 - r0);
         block_mean[c] = b.mean;
@@ -238,14 +240,17 @@ std::vector<Welford> channel_stats_nlc(const scalar_t* x, const ChannelView& v) 
                           block_mean.data(), block_m2.data());
     }
   });
-  std::vector<double> mean(C), m2(C);
-  int64_t count = 0;
-  for (int64_t g = 0; g < split.groups; ++g) {
-    count = merge_lanes(C, count, mean.data(), m2.data(), split.end(g) - split.begin(g), group_mean.data() + g * C,
-                        group_m2.data() + g * C);
-  }
+  // Groups merged in group order, each thread over its own channels.
   std::vector<Welford> out(C);
-  for (int64_t c = 0; c < C; ++c) out[c] = Welford{mean[c], m2[c], count};
+  at::parallel_for(0, C, kMergeGrain, [&](int64_t c0, int64_t c1) {
+    std::vector<double> mean(c1 - c0), m2(c1 - c0);
+    int64_t count = 0;
+    for (int64_t g = 0; g < split.groups; ++g) {
+      count = merge_lanes(c1 - c0, count, mean.data(), m2.data(), split.end(g) - split.begin(g),
+                          group_mean.data() + g * C + c0, group_m2.data() + g * C + c0);
+    }
+    for (int64_t c = c0; c < c1; ++c) out[c] = Welford{mean[c - c0], m2[c - c0], count};
+  });
   return out;
 }
 

@@ -395,4 +395,57 @@ void accumulate_row(const scalar_t* a, const scalar_t* b, int64_t n, const Op& o
   });
 }
 
+// acc[k][i] = the sum of op's term k over rows r < rows at column i, for i in [0, n): per-lane
+// sums down a channels-last block whose row r starts at r * row_stride. Columns go in tiles of
+// kStep values whose sums stay in registers all the way down (two sets, for even and odd rows,
+// so that consecutive rows' adds do not wait on each other), instead of being loaded and stored
+// for every row as accumulate_row does: for a block that sits in L2 this is several times faster.
+// Each lane's sum is over the rows in a fixed order, so the result depends only on the values.
+template <Isa kIsa, int K, bool kHasB, typename scalar_t, typename Op>
+BN_CUDA_CPU_INLINE void sum_rows_body(const scalar_t* a, const scalar_t* b, int64_t row_stride, int64_t rows,
+                                      int64_t n, const Op& op, opmath_t<scalar_t>* const* acc) {
+  using IO = VecIO<scalar_t, kIsa>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  int64_t i = 0;
+  for (; i + IO::kStep <= n; i += IO::kStep) {
+    Vec lo0[K] = {}, hi0[K] = {}, lo1[K] = {}, hi1[K] = {};
+    const auto add_row = [&](int64_t r, Vec* lo, Vec* hi) __attribute__((always_inline)) {
+      const int64_t o = r * row_stride + i;
+      Vec a0, a1, b0{}, b1{};
+      IO::load(a + o, a0, a1);
+      if constexpr (kHasB) IO::load(b + o, b0, b1);
+      op(i, a0, b0, lo);
+      op(i + IO::kWidth, a1, b1, hi);
+    };
+    int64_t r = 0;
+    for (; r + 2 <= rows; r += 2) {
+      add_row(r, lo0, hi0);
+      add_row(r + 1, lo1, hi1);
+    }
+    if (r < rows) add_row(r, lo0, hi0);
+    for (int k = 0; k < K; ++k) {
+      IO::storeu(acc[k] + i, lo0[k] + lo1[k]);
+      IO::storeu(acc[k] + i + IO::kWidth, hi0[k] + hi1[k]);
+    }
+  }
+  for (; i < n; ++i) {
+    acc_t t[K] = {};
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t o = r * row_stride + i;
+      const acc_t bi = kHasB ? static_cast<acc_t>(b[o]) : acc_t(0);
+      op(i, static_cast<acc_t>(a[o]), bi, t);
+    }
+    for (int k = 0; k < K; ++k) acc[k][i] = t[k];
+  }
+}
+
+template <int K, bool kHasB, typename scalar_t, typename Op>
+void sum_rows(const scalar_t* a, const scalar_t* b, int64_t row_stride, int64_t rows, int64_t n, const Op& op,
+              opmath_t<scalar_t>* const* acc) {
+  run_selected([&](auto isa) __attribute__((always_inline)) {
+    sum_rows_body<decltype(isa)::value, K, kHasB>(a, b, row_stride, rows, n, op, acc);
+  });
+}
+
 }  // namespace bn_cuda
