@@ -266,17 +266,15 @@ void affine_nlc(const scalar_t* x, scalar_t* y, const ChannelView& v, const acc_
   });
 }
 
-// Channels-first y = (x - mean) * scale + shift, one (n, c) segment at a time.
+// Channels-first y = (x - mean) * scale + shift, over ranges of (n, c) planes.
 template <typename scalar_t, typename acc_t>
 void affine_ncl(const scalar_t* x, scalar_t* y, const ChannelView& v, const acc_t* mean, const acc_t* scale,
                 const acc_t* shift) {
   const int64_t grain = std::max<int64_t>(1, kElementwiseGrain / v.L);
   at::parallel_for(0, v.N * v.C, grain, [&](int64_t s0, int64_t s1) {
-    for (int64_t s = s0; s < s1; ++s) {
-      const int64_t c = s % v.C;
-      const auto op = affine_op(Scalar<acc_t>{mean[c]}, Scalar<acc_t>{scale[c]}, Scalar<acc_t>{shift[c]});
-      map_run<false>(x + s * v.L, x, y + s * v.L, v.L, op);
-    }
+    map_planes<false>(x, x, y, v.L, v.C, s0, s1, [&](int64_t c) __attribute__((always_inline)) {
+      return affine_op(Scalar<acc_t>{mean[c]}, Scalar<acc_t>{scale[c]}, Scalar<acc_t>{shift[c]});
+    });
   });
 }
 
@@ -530,16 +528,17 @@ void grad_input(const ChannelView& v, const at::Tensor& dy, const at::Tensor& dx
   } else {
     const int64_t grain = std::max<int64_t>(1, kElementwiseGrain / v.L);
     at::parallel_for(0, v.N * C, grain, [&](int64_t s0, int64_t s1) {
-      for (int64_t seg = s0; seg < s1; ++seg) {
-        const int64_t c = seg % C;
-        const int64_t o = seg * v.L;
-        const auto op = grad_input_op<kUsesX>(Scalar<acc_t>{mean[c]}, Scalar<acc_t>{a[c]}, Scalar<acc_t>{k[c]},
-                                              Scalar<acc_t>{s[c]});
-        if constexpr (kUsesX) {
-          map_run<true>(x + o, g + o, out + o, v.L, op);
-        } else {
-          map_run<false>(g + o, g, out + o, v.L, [&](int64_t i, auto gi, auto) { return op(i, gi, gi); });
-        }
+      const auto make_op = [&](int64_t c) __attribute__((always_inline)) {
+        return grad_input_op<kUsesX>(Scalar<acc_t>{mean[c]}, Scalar<acc_t>{a[c]}, Scalar<acc_t>{k[c]},
+                                     Scalar<acc_t>{s[c]});
+      };
+      if constexpr (kUsesX) {
+        map_planes<true>(x, g, out, v.L, C, s0, s1, make_op);
+      } else {
+        // Eval statistics read only dy: it goes in the first slot.
+        map_planes<false>(g, g, out, v.L, C, s0, s1, [&](int64_t c) __attribute__((always_inline)) {
+          return [op = make_op(c)](int64_t i, auto gi, auto) { return op(i, gi, gi); };
+        });
       }
     });
   }

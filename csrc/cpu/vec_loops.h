@@ -109,6 +109,7 @@ struct RawVec<double> {
 // of half and bfloat16, whose opmath is float.
 typedef uint16_t U16 __attribute__((vector_size(16)));
 typedef uint32_t U32 __attribute__((vector_size(32)));
+typedef float F4 __attribute__((vector_size(16)));
 
 template <typename V, typename U>
 V bit_cast_vec(U u) {
@@ -152,6 +153,31 @@ struct VecIO {
     } else {
       storeu(p, lo);
       storeu(p + kWidth, hi);
+    }
+  }
+
+  // One value to opmath and back, for the scalar tails of the loops: as the vector conversions
+  // below (F16C for half on v3: a short plane's tail would otherwise cost more than its vectors).
+  static acc_t to_acc(scalar_t v) {
+    if constexpr (std::is_same_v<scalar_t, c10::Half> && kIsa == Isa::kV3) {
+      U16 bits{};
+      bits[0] = v.x;
+      F4 f;
+      asm("vcvtph2ps %1, %0" : "=x"(f) : "x"(bits));
+      return f[0];
+    } else {
+      return static_cast<acc_t>(v);
+    }
+  }
+  static scalar_t from_acc(acc_t v) {
+    if constexpr (std::is_same_v<scalar_t, c10::Half> && kIsa == Isa::kV3) {
+      F4 f{};
+      f[0] = v;
+      U16 bits;
+      asm("vcvtps2ph $0, %1, %0" : "=x"(bits) : "x"(f));
+      return c10::Half(bits[0], c10::Half::from_bits());
+    } else {
+      return static_cast<scalar_t>(v);
     }
   }
 
@@ -278,8 +304,8 @@ BN_CUDA_CPU_INLINE void map_segments_body(const scalar_t* a, const scalar_t* b, 
       IO::store(out + o + i, op(i, a0, b0), op(i + IO::kWidth, a1, b1));
     }
     for (; i < n; ++i) {
-      const acc_t bi = kHasB ? static_cast<acc_t>(b[o + i]) : acc_t(0);
-      out[o + i] = static_cast<scalar_t>(op(i, static_cast<acc_t>(a[o + i]), bi));
+      const acc_t bi = kHasB ? IO::to_acc(b[o + i]) : acc_t(0);
+      out[o + i] = IO::from_acc(op(i, IO::to_acc(a[o + i]), bi));
     }
   }
 }
@@ -296,6 +322,24 @@ void map_segments(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t s
 template <bool kHasB, typename scalar_t, typename Op>
 void map_run(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t n, const Op& op) {
   map_segments<kHasB>(a, b, out, 0, 1, n, op);
+}
+
+// Channels-first planes s in [s0, s1), L values each at s * L, plane s of channel s % C:
+// out = make_op(c)(i, a, b) over each plane. make_op must be an always-inline lambda: it is
+// compiled into the loop, so a plane's setup is a few broadcasts, and one call covers all the
+// planes of a task (a 7x7 plane is only 49 values: a call and setup per plane cost more than its
+// arithmetic).
+template <bool kHasB, typename scalar_t, typename MakeOp>
+void map_planes(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t L, int64_t C, int64_t s0, int64_t s1,
+                const MakeOp& make_op) {
+  run_selected([&](auto isa) __attribute__((always_inline)) {
+    int64_t c = s0 % C;
+    for (int64_t s = s0; s < s1; ++s) {
+      map_segments_body<decltype(isa)::value, kHasB>(a + s * L, kHasB ? b + s * L : b, out + s * L, 0, 1, L,
+                                                     make_op(c));
+      if (++c == C) c = 0;
+    }
+  });
 }
 
 // Reductions: op(i, x, g, acc) adds its K terms into acc[0..K) (T acc[K]).
@@ -323,8 +367,8 @@ BN_CUDA_CPU_INLINE std::array<opmath_t<scalar_t>, K> sum_segments_body(const sca
       op(i + IO::kWidth, a1, b1, hi);
     }
     for (; i < n; ++i) {
-      const acc_t bi = kHasB ? static_cast<acc_t>(b[o + i]) : acc_t(0);
-      op(i, static_cast<acc_t>(a[o + i]), bi, tail);
+      const acc_t bi = kHasB ? IO::to_acc(b[o + i]) : acc_t(0);
+      op(i, IO::to_acc(a[o + i]), bi, tail);
     }
   }
   std::array<acc_t, K> total{};
@@ -380,10 +424,10 @@ BN_CUDA_CPU_INLINE void accumulate_row_body(const scalar_t* a, const scalar_t* b
     }
   }
   for (; i < n; ++i) {
-    const acc_t bi = kHasB ? static_cast<acc_t>(b[i]) : acc_t(0);
+    const acc_t bi = kHasB ? IO::to_acc(b[i]) : acc_t(0);
     acc_t t[K];
     for (int k = 0; k < K; ++k) t[k] = dst[k][i];
-    op(i, static_cast<acc_t>(a[i]), bi, t);
+    op(i, IO::to_acc(a[i]), bi, t);
     for (int k = 0; k < K; ++k) dst[k][i] = t[k];
   }
 }
@@ -433,8 +477,8 @@ BN_CUDA_CPU_INLINE void sum_rows_body(const scalar_t* a, const scalar_t* b, int6
     acc_t t[K] = {};
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t o = r * row_stride + i;
-      const acc_t bi = kHasB ? static_cast<acc_t>(b[o]) : acc_t(0);
-      op(i, static_cast<acc_t>(a[o]), bi, t);
+      const acc_t bi = kHasB ? IO::to_acc(b[o]) : acc_t(0);
+      op(i, IO::to_acc(a[o]), bi, t);
     }
     for (int k = 0; k < K; ++k) acc[k][i] = t[k];
   }
