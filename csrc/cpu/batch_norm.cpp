@@ -41,11 +41,11 @@ using Welford = WelfordState<double>;
 
 // Values per statistics chunk: the second pass over a chunk reads L1.
 constexpr int64_t kChunk = 2048;
-// Channels-last row blocks: about kBlockElements values, so the second pass over a block reads
-// L2, and between kMinBlockRows (amortises the per-block merge when C is large) and
-// kMaxBlockRows (bounds the length of each float sum when C is small) rows.
-constexpr int64_t kBlockElements = 16384;
-constexpr int64_t kMinBlockRows = 32;
+// Channels-last row blocks: about kBlockElements values (256 KiB of float), so the second pass
+// over a block reads L2, and between kMinBlockRows (amortises the per-block merge when C is
+// large) and kMaxBlockRows (bounds the length of each float sum when C is small) rows.
+constexpr int64_t kBlockElements = 65536;
+constexpr int64_t kMinBlockRows = 64;
 constexpr int64_t kMaxBlockRows = 256;
 // Rows per float partial of the channels-last backward sums (they need no second pass).
 constexpr int64_t kSumRows = 16;
@@ -154,16 +154,18 @@ auto grad_input_op(Coef mean, Coef a, Coef k, Coef s) {
   };
 }
 
-// The state of `count` values from the float sums of a chunk's two passes: m is the mean of
-// x - pivot from the first pass, se and see the sums of e = x - pivot - m and e^2 from the second.
-Welford chunk_state(double pivot, double m, double se, double see, int64_t count) {
-  Welford s;
-  s.count = count;
-  const double inv_count = 1.0 / static_cast<double>(count);
-  s.mean = pivot + m + se * inv_count;
+// The (mean, m2) of `count` values from the float sums of a chunk's two passes: m is the mean of
+// x - pivot from the first pass, se and see the sums of e = x - pivot - m and e^2 from the second;
+// inv_count = 1 / count.
+BN_CUDA_CPU_INLINE std::pair<double, double> chunk_moments(double pivot, double m, double se, double see,
+                                                           double inv_count) {
   const double m2 = see - se * se * inv_count;
-  s.m2 = m2 < 0 ? 0 : m2;  // rounding; a NaN stays NaN
-  return s;
+  return {pivot + m + se * inv_count, m2 < 0 ? 0 : m2};  // m2 < 0: rounding; a NaN stays NaN
+}
+
+Welford chunk_state(double pivot, double m, double se, double see, int64_t count) {
+  const auto [mean, m2] = chunk_moments(pivot, m, se, see, 1.0 / static_cast<double>(count));
+  return Welford{mean, m2, count};
 }
 
 // Channel c of a channels-first view: Chan merge of its chunk states, in chunk order.
@@ -186,21 +188,26 @@ Welford channel_stats_ncl(const scalar_t* x, const ChannelView& v, int64_t c) {
 // Chan's merge (welford_merge) of states b into states a for n channels whose states share their
 // counts, as those of one channels-last row block do: the count ratios are computed once per
 // merge, not per channel (a per-channel welford_merge costs more than the block's two passes
-// when C is large). Returns the merged count.
-int64_t merge_lanes(int64_t n, int64_t count_a, double* mean_a, double* m2_a, int64_t count_b, const double* mean_b,
-                    const double* m2_b) {
-  if (count_a == 0) {
-    std::copy(mean_b, mean_b + n, mean_a);
-    std::copy(m2_b, m2_b + n, m2_a);
-    return count_b;
-  }
+// when C is large). state_b(c) gives lane c's (mean, m2). Returns the merged count. Compiled for
+// the selected ISA (the loop vectorises over lanes).
+template <typename StateB>
+int64_t merge_lanes(int64_t n, int64_t count_a, double* mean_a, double* m2_a, int64_t count_b,
+                    const StateB& state_b) {
   const double b_share = static_cast<double>(count_b) / static_cast<double>(count_a + count_b);
   const double delta_weight = static_cast<double>(count_a) * b_share;
-  for (int64_t c = 0; c < n; ++c) {
-    const double delta = mean_b[c] - mean_a[c];
-    mean_a[c] += delta * b_share;
-    m2_a[c] += m2_b[c] + delta * delta * delta_weight;
-  }
+  run_selected([&](auto) __attribute__((always_inline)) {
+    for (int64_t c = 0; c < n; ++c) {
+      const auto [mean_b, m2_b] = state_b(c);
+      if (count_a == 0) {
+        mean_a[c] = mean_b;
+        m2_a[c] = m2_b;
+      } else {
+        const double delta = mean_b - mean_a[c];
+        mean_a[c] += delta * b_share;
+        m2_a[c] += m2_b + delta * delta * delta_weight;
+      }
+    }
+  });
   return count_a + count_b;
 }
 
@@ -217,27 +224,25 @@ std::vector<Welford> channel_stats_nlc(const scalar_t* x, const ChannelView& v) 
   std::vector<double> group_mean(split.groups * C), group_m2(split.groups * C);
   for_each_group(split, /*backward=*/false, [&](int64_t g) {
     std::vector<acc_t> m(C), se(C), see(C);
-    std::vector<double> block_mean(C), block_m2(C);
     acc_t* shifted_sums[] = {m.data()};
     acc_t* deviation_sums[] = {se.data(), see.data()};
     int64_t count = 0;
     for (int64_t r0 = split.begin(g); r0 < split.end(g); r0 += split.block_rows) {
       const int64_t r1 = std::min(split.end(g), r0 + split.block_rows);
-      // First pass row by row (the block comes from memory: rows are the prefetcher's streams),
-      // the second down column tiles (the block is in L2 now; the sums stay in registers).
+      // First pass along whole rows (the block comes from memory: rows are the prefetcher's
+      // streams), the second down column tiles (the block is in L2 now; the sums stay in
+      // registers).
       std::fill(m.begin(), m.end(), acc_t(0));
-      for (int64_t r = r0; r < r1; ++r) accumulate_row<1, false>(x + r * C, x, C, shifted_op(pivot), shifted_sums);
+      accumulate_rows<1, false>(x + r0 * C, x, C, r1 - r0, C, shifted_op(pivot), shifted_sums);
       const acc_t inv_rows = acc_t(1) / static_cast<acc_t>(r1 - r0);
       for (int64_t c = 0; c < C; ++c) m[c] *= inv_rows;
       sum_rows<2, false>(x + r0 * C, x, C, r1 - r0, C, deviation_op(pivot, PerLane<acc_t>{m.data()}),
                          deviation_sums);
-      for (int64_t c = 0; c < C; ++c) {
-        const Welford b = chunk_state(pivot_values[c], m[c], se[c], see[c], r1 - r0);
-        block_mean[c] = b.mean;
-        block_m2[c] = b.m2;
-      }
+      const double inv_count = 1.0 / static_cast<double>(r1 - r0);
       count = merge_lanes(C, count, group_mean.data() + g * C, group_m2.data() + g * C, r1 - r0,
-                          block_mean.data(), block_m2.data());
+                          [&](int64_t c) __attribute__((always_inline)) {
+                            return chunk_moments(pivot_values[c], m[c], se[c], see[c], inv_count);
+                          });
     }
   });
   // Groups merged in group order, each thread over its own channels.
@@ -246,8 +251,10 @@ std::vector<Welford> channel_stats_nlc(const scalar_t* x, const ChannelView& v) 
     std::vector<double> mean(c1 - c0), m2(c1 - c0);
     int64_t count = 0;
     for (int64_t g = 0; g < split.groups; ++g) {
+      const double* gm = group_mean.data() + g * C + c0;
+      const double* gm2 = group_m2.data() + g * C + c0;
       count = merge_lanes(c1 - c0, count, mean.data(), m2.data(), split.end(g) - split.begin(g),
-                          group_mean.data() + g * C + c0, group_m2.data() + g * C + c0);
+                          [&](int64_t c) __attribute__((always_inline)) { return std::pair{gm[c], gm2[c]}; });
     }
     for (int64_t c = c0; c < c1; ++c) out[c] = Welford{mean[c - c0], m2[c - c0], count};
   });
@@ -262,7 +269,8 @@ void affine_nlc(const scalar_t* x, scalar_t* y, const ChannelView& v, const acc_
   const RowSplit split(v);
   const auto op = affine_op(PerLane<acc_t>{mean}, PerLane<acc_t>{scale}, PerLane<acc_t>{shift});
   for_each_group(split, backward, [&](int64_t g) {
-    for (int64_t r = split.begin(g); r < split.end(g); ++r) map_run<false>(x + r * C, x, y + r * C, C, op);
+    const int64_t o = split.begin(g) * C;
+    map_segments<false>(x + o, x, y + o, C, split.end(g) - split.begin(g), C, op);
   });
 }
 
@@ -423,12 +431,9 @@ std::pair<double, double> channel_grad_sums_ncl(const scalar_t* x, const scalar_
   const int64_t stride = v.C * v.L;
   double sum_dy = 0, sum_dy_xmu = 0;
   for_each_chunk(v, c, [&](int64_t offset, int64_t segs, int64_t len) {
-    for (int64_t j = 0; j < segs; ++j) {
-      const int64_t o = offset + j * stride;
-      const auto t = sum_run<2, true>(x + o, dy + o, len, op);
-      sum_dy += t[0];
-      sum_dy_xmu += t[1];
-    }
+    const auto t = sum_segments<2, true, /*kDoubleAcrossRuns=*/true>(x + offset, dy + offset, stride, segs, len, op);
+    sum_dy += t[0];
+    sum_dy_xmu += t[1];
   });
   return {sum_dy, sum_dy_xmu};
 }
@@ -452,7 +457,7 @@ void grad_sums_nlc(const scalar_t* x, const scalar_t* dy, const ChannelView& v, 
       std::fill(block_dy.begin(), block_dy.end(), acc_t(0));
       std::fill(block_dy_xmu.begin(), block_dy_xmu.end(), acc_t(0));
       acc_t* sums[] = {block_dy.data(), block_dy_xmu.data()};
-      for (int64_t r = r0; r < r1; ++r) accumulate_row<2, true>(x + r * C, dy + r * C, C, op, sums);
+      accumulate_rows<2, true>(x + r0 * C, dy + r0 * C, C, r1 - r0, C, op, sums);
       for (int64_t c = 0; c < C; ++c) {
         pdy[c] += block_dy[c];
         pdx[c] += block_dy_xmu[c];
@@ -516,13 +521,13 @@ void grad_input(const ChannelView& v, const at::Tensor& dy, const at::Tensor& dx
     const auto op = grad_input_op<kUsesX>(PerLane<acc_t>{mean}, PerLane<acc_t>{a}, PerLane<acc_t>{k},
                                           PerLane<acc_t>{s});
     for_each_group(split, backward, [&](int64_t grp) {
-      for (int64_t r = split.begin(grp); r < split.end(grp); ++r) {
-        // Eval statistics read only dy: it goes in the first slot.
-        if constexpr (kUsesX) {
-          map_run<true>(x + r * C, g + r * C, out + r * C, C, op);
-        } else {
-          map_run<false>(g + r * C, g, out + r * C, C, [&](int64_t i, auto gi, auto) { return op(i, gi, gi); });
-        }
+      const int64_t o = split.begin(grp) * C;
+      const int64_t rows = split.end(grp) - split.begin(grp);
+      // Eval statistics read only dy: it goes in the first slot.
+      if constexpr (kUsesX) {
+        map_segments<true>(x + o, g + o, out + o, C, rows, C, op);
+      } else {
+        map_segments<false>(g + o, g, out + o, C, rows, C, [&](int64_t i, auto gi, auto) { return op(i, gi, gi); });
       }
     });
   } else {

@@ -14,6 +14,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <cstdlib>
@@ -318,12 +319,6 @@ void map_segments(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t s
   });
 }
 
-// One run: out[i] = op(i, a[i], b[i]) for i in [0, n).
-template <bool kHasB, typename scalar_t, typename Op>
-void map_run(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t n, const Op& op) {
-  map_segments<kHasB>(a, b, out, 0, 1, n, op);
-}
-
 // Channels-first planes s in [s0, s1), L values each at s * L, plane s of channel s % C:
 // out = make_op(c)(i, a, b) over each plane. make_op must be an always-inline lambda: it is
 // compiled into the loop, so a plane's setup is a few broadcasts, and one call covers all the
@@ -345,17 +340,24 @@ void map_planes(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t L, 
 // Reductions: op(i, x, g, acc) adds its K terms into acc[0..K) (T acc[K]).
 
 // The K sums of op's terms over i in [0, n) of each of `segs` runs (run s at s * stride), in
-// opmath, in vector accumulators kept across the runs. Lanes are added in a fixed order, so the
-// result depends only on the values.
-template <Isa kIsa, int K, bool kHasB, typename scalar_t, typename Op>
-BN_CUDA_CPU_INLINE std::array<opmath_t<scalar_t>, K> sum_segments_body(const scalar_t* a, const scalar_t* b,
-                                                                       int64_t stride, int64_t segs, int64_t n,
-                                                                       const Op& op) {
+// vector accumulators kept across the runs. kDoubleAcrossRuns = false: in opmath throughout.
+// kDoubleAcrossRuns = true: each run is summed in opmath and its lanes are added into double
+// accumulators at its end (float sums only as long as a run; the result is double). Lanes are
+// added in a fixed order, so the result depends only on the values.
+template <Isa kIsa, int K, bool kHasB, bool kDoubleAcrossRuns, typename scalar_t, typename Op>
+BN_CUDA_CPU_INLINE auto sum_segments_body(const scalar_t* a, const scalar_t* b, int64_t stride, int64_t segs,
+                                          int64_t n, const Op& op) {
   using IO = VecIO<scalar_t, kIsa>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
+  using total_t = std::conditional_t<kDoubleAcrossRuns, double, acc_t>;
+  // Double accumulators of the runs' float sums (used when acc_t is float and kDoubleAcrossRuns).
+  using Wide = typename RawVec<double>::type;
+  constexpr bool kFold = kDoubleAcrossRuns && !std::is_same_v<acc_t, double>;
   Vec lo[K] = {}, hi[K] = {};
   acc_t tail[K] = {};
+  Wide wide[K] = {};
+  double wide_tail[K] = {};
   for (int64_t s = 0; s < segs; ++s) {
     const int64_t o = s * stride;
     int64_t i = 0;
@@ -370,72 +372,93 @@ BN_CUDA_CPU_INLINE std::array<opmath_t<scalar_t>, K> sum_segments_body(const sca
       const acc_t bi = kHasB ? IO::to_acc(b[o + i]) : acc_t(0);
       op(i, IO::to_acc(a[o + i]), bi, tail);
     }
+    if constexpr (kFold) {
+      for (int k = 0; k < K; ++k) {
+        const Vec v = lo[k] + hi[k];
+        wide[k] += __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3), Wide) +
+                   __builtin_convertvector(__builtin_shufflevector(v, v, 4, 5, 6, 7), Wide);
+        wide_tail[k] += tail[k];
+        lo[k] = hi[k] = Vec{};
+        tail[k] = 0;
+      }
+    }
   }
-  std::array<acc_t, K> total{};
+  std::array<total_t, K> total{};
   for (int k = 0; k < K; ++k) {
-    acc_t buf[IO::kWidth];
-    IO::storeu(buf, lo[k] + hi[k]);
-    for (int64_t j = 0; j < IO::kWidth; ++j) total[k] += buf[j];
-    total[k] += tail[k];
+    if constexpr (kFold) {
+      for (int j = 0; j < 4; ++j) total[k] += wide[k][j];
+      total[k] += wide_tail[k];
+    } else {
+      acc_t buf[IO::kWidth];
+      IO::storeu(buf, lo[k] + hi[k]);
+      for (int64_t j = 0; j < IO::kWidth; ++j) total[k] += buf[j];
+      total[k] += tail[k];
+    }
   }
   return total;
 }
 
-template <int K, bool kHasB, typename scalar_t, typename Op>
-std::array<opmath_t<scalar_t>, K> sum_segments(const scalar_t* a, const scalar_t* b, int64_t stride, int64_t segs,
-                                               int64_t n, const Op& op) {
-  std::array<opmath_t<scalar_t>, K> total;
+template <int K, bool kHasB, bool kDoubleAcrossRuns = false, typename scalar_t, typename Op>
+auto sum_segments(const scalar_t* a, const scalar_t* b, int64_t stride, int64_t segs, int64_t n, const Op& op) {
+  std::array<std::conditional_t<kDoubleAcrossRuns, double, opmath_t<scalar_t>>, K> total;
   run_selected([&](auto isa) __attribute__((always_inline)) {
-    total = sum_segments_body<decltype(isa)::value, K, kHasB>(a, b, stride, segs, n, op);
+    total = sum_segments_body<decltype(isa)::value, K, kHasB, kDoubleAcrossRuns>(a, b, stride, segs, n, op);
   });
   return total;
 }
 
-// One run: the K sums over i in [0, n).
-template <int K, bool kHasB, typename scalar_t, typename Op>
-std::array<opmath_t<scalar_t>, K> sum_run(const scalar_t* a, const scalar_t* b, int64_t n, const Op& op) {
-  return sum_segments<K, kHasB>(a, b, 0, 1, n, op);
-}
-
-// acc[k][i] += op's term k for i in [0, n): per-lane sums along a channels-last row.
+// acc[k][i] += the sum of op's term k over rows r < rows at column i, for i in [0, n): per-lane
+// sums along channels-last rows, row r starting at r * row_stride. The rows come from memory, so
+// they are read whole, in order (the prefetcher's streams), kRowsPerLoad at a time per load and
+// store of the sums; one call covers a whole block of rows (a row of 64 channels is only 4 steps:
+// a call per row cost more than its arithmetic). Each lane adds its rows in row order.
 template <Isa kIsa, int K, bool kHasB, typename scalar_t, typename Op>
-BN_CUDA_CPU_INLINE void accumulate_row_body(const scalar_t* a, const scalar_t* b, int64_t n, const Op& op,
-                                            opmath_t<scalar_t>* const* acc) {
+BN_CUDA_CPU_INLINE void accumulate_rows_body(const scalar_t* a, const scalar_t* b, int64_t row_stride, int64_t rows,
+                                             int64_t n, const Op& op, opmath_t<scalar_t>* const* acc) {
   using IO = VecIO<scalar_t, kIsa>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
-  acc_t* dst[K];
-  for (int k = 0; k < K; ++k) dst[k] = acc[k];
-  int64_t i = 0;
-  for (; i + IO::kStep <= n; i += IO::kStep) {
-    Vec a0, a1, b0{}, b1{};
-    IO::load(a + i, a0, a1);
-    if constexpr (kHasB) IO::load(b + i, b0, b1);
-    Vec lo[K], hi[K];
-    for (int k = 0; k < K; ++k) {
-      lo[k] = IO::loadu(dst[k] + i);
-      hi[k] = IO::loadu(dst[k] + i + IO::kWidth);
+  constexpr int64_t kRowsPerLoad = 4;
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowsPerLoad) {
+    const int64_t r1 = std::min(rows, r0 + kRowsPerLoad);
+    int64_t i = 0;
+    for (; i + IO::kStep <= n; i += IO::kStep) {
+      Vec lo[K], hi[K];
+      for (int k = 0; k < K; ++k) {
+        lo[k] = IO::loadu(acc[k] + i);
+        hi[k] = IO::loadu(acc[k] + i + IO::kWidth);
+      }
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t o = r * row_stride + i;
+        Vec a0, a1, b0{}, b1{};
+        IO::load(a + o, a0, a1);
+        if constexpr (kHasB) IO::load(b + o, b0, b1);
+        op(i, a0, b0, lo);
+        op(i + IO::kWidth, a1, b1, hi);
+      }
+      for (int k = 0; k < K; ++k) {
+        IO::storeu(acc[k] + i, lo[k]);
+        IO::storeu(acc[k] + i + IO::kWidth, hi[k]);
+      }
     }
-    op(i, a0, b0, lo);
-    op(i + IO::kWidth, a1, b1, hi);
-    for (int k = 0; k < K; ++k) {
-      IO::storeu(dst[k] + i, lo[k]);
-      IO::storeu(dst[k] + i + IO::kWidth, hi[k]);
+    for (; i < n; ++i) {
+      acc_t t[K];
+      for (int k = 0; k < K; ++k) t[k] = acc[k][i];
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t o = r * row_stride + i;
+        const acc_t bi = kHasB ? IO::to_acc(b[o]) : acc_t(0);
+        op(i, IO::to_acc(a[o]), bi, t);
+      }
+      for (int k = 0; k < K; ++k) acc[k][i] = t[k];
     }
-  }
-  for (; i < n; ++i) {
-    const acc_t bi = kHasB ? IO::to_acc(b[i]) : acc_t(0);
-    acc_t t[K];
-    for (int k = 0; k < K; ++k) t[k] = dst[k][i];
-    op(i, IO::to_acc(a[i]), bi, t);
-    for (int k = 0; k < K; ++k) dst[k][i] = t[k];
   }
 }
 
 template <int K, bool kHasB, typename scalar_t, typename Op>
-void accumulate_row(const scalar_t* a, const scalar_t* b, int64_t n, const Op& op, opmath_t<scalar_t>* const* acc) {
+void accumulate_rows(const scalar_t* a, const scalar_t* b, int64_t row_stride, int64_t rows, int64_t n, const Op& op,
+                     opmath_t<scalar_t>* const* acc) {
   run_selected([&](auto isa) __attribute__((always_inline)) {
-    accumulate_row_body<decltype(isa)::value, K, kHasB>(a, b, n, op, acc);
+    accumulate_rows_body<decltype(isa)::value, K, kHasB>(a, b, row_stride, rows, n, op, acc);
   });
 }
 
@@ -443,7 +466,7 @@ void accumulate_row(const scalar_t* a, const scalar_t* b, int64_t n, const Op& o
 // sums down a channels-last block whose row r starts at r * row_stride. Columns go in tiles of
 // kStep values whose sums stay in registers all the way down (two sets, for even and odd rows,
 // so that consecutive rows' adds do not wait on each other), instead of being loaded and stored
-// for every row as accumulate_row does: for a block that sits in L2 this is several times faster.
+// every few rows as accumulate_rows does: for a block that sits in L2 this is several times faster.
 // Each lane's sum is over the rows in a fixed order, so the result depends only on the values.
 template <Isa kIsa, int K, bool kHasB, typename scalar_t, typename Op>
 BN_CUDA_CPU_INLINE void sum_rows_body(const scalar_t* a, const scalar_t* b, int64_t row_stride, int64_t rows,
