@@ -60,6 +60,13 @@ int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
+// Channels per task of a channels-first pass over whole channels: enough for about
+// kElementwiseGrain values, so that a small tensor runs on the calling thread instead of paying
+// for waking the others (a few microseconds, more than a tiny layer's arithmetic).
+int64_t channel_grain(const ChannelView& v) {
+  return std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(1, v.count()));
+}
+
 // The fixed split of the rows of a channels-last view into blocks and groups of whole blocks.
 struct RowSplit {
   int64_t rows;
@@ -302,7 +309,7 @@ std::tuple<at::Tensor, at::Tensor> compute_stats(const ChannelView& v) {
           var_p[c] = welford_variance(states[c]);
         }
       } else {
-        at::parallel_for(0, v.C, 1, [&](int64_t c0, int64_t c1) {
+        at::parallel_for(0, v.C, channel_grain(v), [&](int64_t c0, int64_t c1) {
           for (int64_t c = c0; c < c1; ++c) {
             const Welford s = channel_stats_ncl(x, v, c);
             mean_p[c] = s.mean;
@@ -381,7 +388,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_train(const a
     acc_t* mean_p = mean.mutable_data_ptr<acc_t>();
     acc_t* invstd_p = invstd.mutable_data_ptr<acc_t>();
     acc_t* var_p = var.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, v.C, 1, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, v.C, channel_grain(v), [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         const Welford s = channel_stats_ncl(x, v, c);
         const double channel_var = welford_variance(s);
@@ -487,7 +494,7 @@ std::tuple<at::Tensor, at::Tensor> grad_sums(const ChannelView& v, const at::Ten
     if (v.channels_last) {
       grad_sums_nlc(x, g, v, mean_p, sdy, sdx);
     } else {
-      at::parallel_for(0, v.C, 1, [&](int64_t c0, int64_t c1) {
+      at::parallel_for(0, v.C, channel_grain(v), [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
           std::tie(sdy[c], sdx[c]) = channel_grad_sums_ncl(x, g, v, c, mean_p[c]);
         }
@@ -593,7 +600,7 @@ void fused_backward_ncl(const ChannelView& v, const at::Tensor& dy, const at::Te
     const acc_t* mean_p = mean.const_data_ptr<acc_t>();
     const acc_t* invstd_p = invstd.const_data_ptr<acc_t>();
     const acc_t* w_p = weight.const_data_ptr<acc_t>();
-    at::parallel_for(0, v.C, 1, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, v.C, channel_grain(v), [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         std::tie(sdy[c], sdx[c]) = channel_grad_sums_ncl(x, g, v, c, mean_p[c]);
         const Scalar<acc_t> a{static_cast<acc_t>(sdy[c] * inv_count)};
