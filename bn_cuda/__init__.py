@@ -26,6 +26,8 @@ __all__ = [
     "batch_norm",
     "build_info",
     "convert_model",
+    "cpu_cache_info",
+    "empty_cpu_cache",
     "functional",
 ]
 
@@ -51,3 +53,22 @@ def build_info() -> dict[str, object]:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
     }
+
+
+def cpu_cache_info() -> dict[str, int]:
+    """The cache that holds the memory of freed large CPU outputs (8 MiB and more) for reuse.
+
+    A fresh large output costs a page fault per page on its first write, often more than the
+    kernel itself; reusing a freed block of the same size costs none (as PyTorch's CUDA caching
+    allocator does on the GPU). Returns ``cached_bytes`` (freed blocks held now), ``limit_bytes``
+    (the most it holds: the environment variable BN_CUDA_CPU_CACHE_MB, read at the first large
+    output, default 1024; 0 turns caching off), and ``hits`` / ``misses`` (large outputs served
+    from the cache / from fresh memory).
+    """
+    cached, limit, hits, misses = _C.cpu_cache_info()
+    return {"cached_bytes": cached, "limit_bytes": limit, "hits": hits, "misses": misses}
+
+
+def empty_cpu_cache() -> None:
+    """Releases the memory of every freed CPU output that the cache holds (see cpu_cache_info)."""
+    _C.empty_cpu_cache()

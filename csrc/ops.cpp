@@ -14,6 +14,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/output_alloc.h"
+
 namespace bn_cuda {
 const char* cpu_isa_name();  // csrc/cpu/batch_norm.cpp
 }  // namespace bn_cuda
@@ -26,8 +28,23 @@ PyObject* cpu_isa(PyObject*, PyObject*) {
   return PyUnicode_FromString(bn_cuda::cpu_isa_name());
 }
 
+// cpu_cache_info() -> (cached_bytes, limit_bytes, hits, misses) of the CPU output cache
+// (csrc/cpu/output_alloc.h).
+PyObject* cpu_cache_info(PyObject*, PyObject*) {
+  const bn_cuda::CpuCacheInfo info = bn_cuda::cpu_cache_info();
+  return Py_BuildValue("(LLLL)", static_cast<long long>(info.cached_bytes), static_cast<long long>(info.limit_bytes),
+                       static_cast<long long>(info.hits), static_cast<long long>(info.misses));
+}
+
+PyObject* empty_cpu_cache(PyObject*, PyObject*) {
+  bn_cuda::empty_cpu_cache();
+  Py_RETURN_NONE;
+}
+
 PyMethodDef bn_cuda_methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set of the CPU kernels' loops."},
+    {"cpu_cache_info", cpu_cache_info, METH_NOARGS, "(cached_bytes, limit_bytes, hits, misses) of the CPU output cache."},
+    {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS, "Releases the CPU output cache's freed blocks."},
     {nullptr, nullptr, 0, nullptr}};
 
 // The Python module exists so that `import bn_cuda._C` loads this library and its
