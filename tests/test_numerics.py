@@ -49,6 +49,45 @@ def test_large_mean_small_variance(device, mean, std, memory_format):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shift", [0.0, 1.0, 3.5, 3.9, 4.0, 30.0, 1e3, 1e6])
+@pytest.mark.parametrize("memory_format", MEMORY_FORMATS)
+def test_images_shifted_from_the_first(device, shift, memory_format):
+    """Images whose means lie `shift` within-image standard deviations away from the first image's
+    (alternately above and below), on a large base mean. The statistics must stay as accurate
+    whether a kernel keeps its one-pass sums (small shifts) or reads a block again for the
+    deviations from its own mean (large shifts): mean within 1e-6 std, variance within 1e-5
+    relative of float64 over the same float32 values."""
+    n = 16
+    direction = torch.tensor([0.0] + [(-1.0) ** i for i in range(1, n)], dtype=torch.float64)
+    x = torch.randn((n, 64, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = (x + shift * direction.view(n, 1, 1, 1) + 100.0).float()
+    x = x.to(device).contiguous(memory_format=memory_format)
+    mean, var = torch.ops.bn_cuda.stats(x)
+    x64 = x.double()
+    mean64 = x64.mean((0, 2, 3))
+    var64 = x64.var((0, 2, 3), unbiased=False)
+    assert ((mean - mean64).abs() / var64.sqrt()).max().item() <= 1e-6
+    assert ((var - var64).abs() / var64).max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("offset", [1e2, 1e3, 1e4])
+@pytest.mark.parametrize("memory_format", MEMORY_FORMATS)
+def test_first_rows_far_from_the_rest(device, offset, memory_format):
+    """The first few rows of image 0 sit `offset` standard deviations above everything else: a
+    kernel that centres its sums on the first values it reads must not let that cancellation
+    into the variance (one-pass sums of (x - pivot)^2 here lose ~1e-4 of it)."""
+    x = torch.randn((64, 16, 32, 32), generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 100.0
+    x[0, :, :8] += offset
+    x = x.float().to(device).contiguous(memory_format=memory_format)
+    mean, var = torch.ops.bn_cuda.stats(x)
+    x64 = x.double()
+    var64 = x64.var((0, 2, 3), unbiased=False)
+    assert ((mean - x64.mean((0, 2, 3))).abs() / var64.sqrt()).max().item() <= 1e-6
+    assert ((var - var64).abs() / var64).max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("value", [0.0, 3.7, -1e4 - 0.125])
 @pytest.mark.parametrize("memory_format", MEMORY_FORMATS)

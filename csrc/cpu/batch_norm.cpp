@@ -118,6 +118,17 @@ auto shifted_op(Coef pivot) {
   };
 }
 
+// (d, d^2) with d = x - pivot
+template <typename Coef>
+auto moments_op(Coef pivot) {
+  return [=](int64_t i, auto x, auto, auto& acc) {
+    using T = decltype(x);
+    const T d = x - pivot.template at<T>(i);
+    acc[0] += d;
+    acc[1] += d * d;
+  };
+}
+
 // (e, e^2) with e = (x - pivot) - m: subtracting pivot first keeps e exact for large means.
 template <typename Coef>
 auto deviation_op(Coef pivot, Coef m) {
@@ -218,37 +229,68 @@ int64_t merge_lanes(int64_t n, int64_t count_a, double* mean_a, double* m2_a, in
   return count_a + count_b;
 }
 
-// Channels-last statistics, one state per channel. Each block of rows is reduced in two passes
-// (shifted sums, then deviations) into per-channel float sums, merged into its group's states;
-// groups are merged in group order.
+// Channels-last statistics, one state per channel. Each block of rows is reduced into per-channel
+// float sums, merged into its group's states; groups are merged in group order.
+// A block is read once from memory, for the sums of d = x - pivot and d^2, with the pivot the
+// mean of the first block (rounded to acc_t). Where every channel's block mean lies near the
+// pivot (|mean - pivot| <= ~3.9 std of the block: the squared shift is at most kOnePassShift of
+// the mean of d^2), (mean, m2) come from those sums: the cancellation in m2 = sum d^2 -
+// (sum d)^2 / n then costs at most a factor 1 / (1 - kOnePassShift) = 16 in relative error. Else
+// (a block far from the first, constant or non-finite channels) the block, now in L2, is read
+// again for the deviations from its own mean (the sums of e = d - m and e^2), as a two-pass
+// algorithm does, and the result is as accurate as that.
 template <typename scalar_t>
 std::vector<Welford> channel_stats_nlc(const scalar_t* x, const ChannelView& v) {
   using acc_t = opmath_t<scalar_t>;
+  constexpr double kOnePassShift = 15.0 / 16.0;
   const int64_t C = v.C;
   const RowSplit split(v);
-  std::vector<acc_t> pivot_values(x, x + C);  // row 0
+  // The pivot: row 0 plus the mean shift of the first block from it, where that is finite.
+  std::vector<acc_t> pivot_values(x, x + C);
+  {
+    const int64_t rows = std::min(split.rows, split.block_rows);
+    std::vector<acc_t> shift(C);
+    acc_t* sums[] = {shift.data()};
+    accumulate_rows<1, false>(x, x, C, rows, C, shifted_op(PerLane<acc_t>{pivot_values.data()}), sums);
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t p = pivot_values[c] + shift[c] / static_cast<acc_t>(rows);
+      if (std::isfinite(p)) pivot_values[c] = p;
+    }
+  }
   const PerLane<acc_t> pivot{pivot_values.data()};
   std::vector<double> group_mean(split.groups * C), group_m2(split.groups * C);
   for_each_group(split, /*backward=*/false, [&](int64_t g) {
-    std::vector<acc_t> m(C), se(C), see(C);
-    acc_t* shifted_sums[] = {m.data()};
+    std::vector<acc_t> sd(C), sdd(C), se(C), see(C);
+    acc_t* moment_sums[] = {sd.data(), sdd.data()};
     acc_t* deviation_sums[] = {se.data(), see.data()};
     int64_t count = 0;
     for (int64_t r0 = split.begin(g); r0 < split.end(g); r0 += split.block_rows) {
       const int64_t r1 = std::min(split.end(g), r0 + split.block_rows);
-      // First pass along whole rows (the block comes from memory: rows are the prefetcher's
-      // streams), the second down column tiles (the block is in L2 now; the sums stay in
-      // registers).
-      std::fill(m.begin(), m.end(), acc_t(0));
-      accumulate_rows<1, false>(x + r0 * C, x, C, r1 - r0, C, shifted_op(pivot), shifted_sums);
-      const acc_t inv_rows = acc_t(1) / static_cast<acc_t>(r1 - r0);
-      for (int64_t c = 0; c < C; ++c) m[c] *= inv_rows;
-      sum_rows<2, false>(x + r0 * C, x, C, r1 - r0, C, deviation_op(pivot, PerLane<acc_t>{m.data()}),
-                         deviation_sums);
       const double inv_count = 1.0 / static_cast<double>(r1 - r0);
+      // The pass from memory goes along whole rows (the prefetcher's streams); the second one,
+      // where needed, down column tiles (the block is in L2; the sums stay in registers).
+      std::fill(sd.begin(), sd.end(), acc_t(0));
+      std::fill(sdd.begin(), sdd.end(), acc_t(0));
+      accumulate_rows<2, false>(x + r0 * C, x, C, r1 - r0, C, moments_op(pivot), moment_sums);
+      bool one_pass = true;
+      for (int64_t c = 0; c < C && one_pass; ++c) {
+        const double d = sd[c];
+        one_pass = d * d * inv_count <= kOnePassShift * static_cast<double>(sdd[c]);  // false for NaN
+      }
+      if (one_pass) {
+        count = merge_lanes(C, count, group_mean.data() + g * C, group_m2.data() + g * C, r1 - r0,
+                            [&](int64_t c) __attribute__((always_inline)) {
+                              return chunk_moments(pivot_values[c], 0, sd[c], sdd[c], inv_count);
+                            });
+        continue;
+      }
+      const acc_t inv_rows = acc_t(1) / static_cast<acc_t>(r1 - r0);
+      for (int64_t c = 0; c < C; ++c) sd[c] *= inv_rows;  // now m, the block's mean of d
+      sum_rows<2, false>(x + r0 * C, x, C, r1 - r0, C, deviation_op(pivot, PerLane<acc_t>{sd.data()}),
+                         deviation_sums);
       count = merge_lanes(C, count, group_mean.data() + g * C, group_m2.data() + g * C, r1 - r0,
                           [&](int64_t c) __attribute__((always_inline)) {
-                            return chunk_moments(pivot_values[c], m[c], se[c], see[c], inv_count);
+                            return chunk_moments(pivot_values[c], sd[c], se[c], see[c], inv_count);
                           });
     }
   });
