@@ -47,6 +47,8 @@ constexpr int64_t kChunk = 2048;
 constexpr int64_t kBlockElements = 65536;
 constexpr int64_t kMinBlockRows = 64;
 constexpr int64_t kMaxBlockRows = 256;
+// Rows whose mean is the pivot of the channels-last statistics' one-pass sums.
+constexpr int64_t kPivotRows = 16;
 // Rows per float partial of the channels-last backward sums (they need no second pass).
 constexpr int64_t kSumRows = 16;
 // At most this many groups of blocks, each with its own per-channel partials.
@@ -232,7 +234,7 @@ int64_t merge_lanes(int64_t n, int64_t count_a, double* mean_a, double* m2_a, in
 // Channels-last statistics, one state per channel. Each block of rows is reduced into per-channel
 // float sums, merged into its group's states; groups are merged in group order.
 // A block is read once from memory, for the sums of d = x - pivot and d^2, with the pivot the
-// mean of the first block (rounded to acc_t). Where every channel's block mean lies near the
+// mean of the first kPivotRows rows (rounded to acc_t). Where every channel's block mean lies near the
 // pivot (|mean - pivot| <= ~3.9 std of the block: the squared shift is at most kOnePassShift of
 // the mean of d^2), (mean, m2) come from those sums: the cancellation in m2 = sum d^2 -
 // (sum d)^2 / n then costs at most a factor 1 / (1 - kOnePassShift) = 16 in relative error. Else
@@ -245,10 +247,11 @@ std::vector<Welford> channel_stats_nlc(const scalar_t* x, const ChannelView& v) 
   constexpr double kOnePassShift = 15.0 / 16.0;
   const int64_t C = v.C;
   const RowSplit split(v);
-  // The pivot: row 0 plus the mean shift of the first block from it, where that is finite.
+  // The pivot: row 0 plus the mean shift of the first kPivotRows rows from it, where that is
+  // finite (a pivot within a few std of each block's mean is all the one-pass sums need).
   std::vector<acc_t> pivot_values(x, x + C);
   {
-    const int64_t rows = std::min(split.rows, split.block_rows);
+    const int64_t rows = std::min(split.rows, kPivotRows);
     std::vector<acc_t> shift(C);
     acc_t* sums[] = {shift.data()};
     accumulate_rows<1, false>(x, x, C, rows, C, shifted_op(PerLane<acc_t>{pivot_values.data()}), sums);
