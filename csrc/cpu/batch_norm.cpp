@@ -109,6 +109,13 @@ void for_each_chunk(const ChannelView& v, int64_t c, const F& f) {
   }
 }
 
+// The prefetch offset (sum_segments) of a channels-first pass over channel c that reads channel
+// c + 1 next: its planes follow c's at +L. Only for planes shorter than a chunk (longer ones are
+// streams the hardware prefetches) and not past the last channel.
+int64_t next_channel_prefetch(const ChannelView& v, int64_t c) {
+  return v.L < kChunk && c + 1 < v.C ? v.L : 0;
+}
+
 // Operations of the loops in vec_loops.h; Coef is Scalar (one channel) or PerLane (a row).
 
 // x - pivot
@@ -195,8 +202,9 @@ Welford channel_stats_ncl(const scalar_t* x, const ChannelView& v, int64_t c) {
   const Scalar<acc_t> pivot{static_cast<acc_t>(x[c * v.L])};
   const int64_t stride = v.C * v.L;
   Welford s;
+  const int64_t prefetch = next_channel_prefetch(v, c);
   for_each_chunk(v, c, [&](int64_t offset, int64_t segs, int64_t len) {
-    const acc_t shifted = sum_segments<1, false>(x + offset, x, stride, segs, len, shifted_op(pivot))[0];
+    const acc_t shifted = sum_segments<1, false>(x + offset, x, stride, segs, len, shifted_op(pivot), prefetch)[0];
     const int64_t count = segs * len;
     const Scalar<acc_t> m{shifted / static_cast<acc_t>(count)};
     const auto [se, see] = sum_segments<2, false>(x + offset, x, stride, segs, len, deviation_op(pivot, m));
@@ -482,8 +490,10 @@ std::pair<double, double> channel_grad_sums_ncl(const scalar_t* x, const scalar_
   const auto op = grad_sums_op(Scalar<acc_t>{mean});
   const int64_t stride = v.C * v.L;
   double sum_dy = 0, sum_dy_xmu = 0;
+  const int64_t prefetch = next_channel_prefetch(v, c);
   for_each_chunk(v, c, [&](int64_t offset, int64_t segs, int64_t len) {
-    const auto t = sum_segments<2, true, /*kDoubleAcrossRuns=*/true>(x + offset, dy + offset, stride, segs, len, op);
+    const auto t =
+        sum_segments<2, true, /*kDoubleAcrossRuns=*/true>(x + offset, dy + offset, stride, segs, len, op, prefetch);
     sum_dy += t[0];
     sum_dy_xmu += t[1];
   });

@@ -344,9 +344,12 @@ void map_planes(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t L, 
 // kDoubleAcrossRuns = true: each run is summed in opmath and its lanes are added into double
 // accumulators at its end (float sums only as long as a run; the result is double). Lanes are
 // added in a fixed order, so the result depends only on the values.
+// prefetch != 0: each line read at p is followed by a prefetch of p + prefetch (the values read
+// next, where the runs are too short and far apart for the hardware prefetchers: the next
+// channel's 7x7 planes).
 template <Isa kIsa, int K, bool kHasB, bool kDoubleAcrossRuns, typename scalar_t, typename Op>
 BN_CUDA_CPU_INLINE auto sum_segments_body(const scalar_t* a, const scalar_t* b, int64_t stride, int64_t segs,
-                                          int64_t n, const Op& op) {
+                                          int64_t n, const Op& op, int64_t prefetch) {
   using IO = VecIO<scalar_t, kIsa>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
@@ -362,6 +365,10 @@ BN_CUDA_CPU_INLINE auto sum_segments_body(const scalar_t* a, const scalar_t* b, 
     const int64_t o = s * stride;
     int64_t i = 0;
     for (; i + IO::kStep <= n; i += IO::kStep) {
+      if (prefetch != 0) {
+        __builtin_prefetch(a + o + i + prefetch);
+        if constexpr (kHasB) __builtin_prefetch(b + o + i + prefetch);
+      }
       Vec a0, a1, b0{}, b1{};
       IO::load(a + o + i, a0, a1);
       if constexpr (kHasB) IO::load(b + o + i, b0, b1);
@@ -399,10 +406,11 @@ BN_CUDA_CPU_INLINE auto sum_segments_body(const scalar_t* a, const scalar_t* b, 
 }
 
 template <int K, bool kHasB, bool kDoubleAcrossRuns = false, typename scalar_t, typename Op>
-auto sum_segments(const scalar_t* a, const scalar_t* b, int64_t stride, int64_t segs, int64_t n, const Op& op) {
+auto sum_segments(const scalar_t* a, const scalar_t* b, int64_t stride, int64_t segs, int64_t n, const Op& op,
+                  int64_t prefetch = 0) {
   std::array<std::conditional_t<kDoubleAcrossRuns, double, opmath_t<scalar_t>>, K> total;
   run_selected([&](auto isa) __attribute__((always_inline)) {
-    total = sum_segments_body<decltype(isa)::value, K, kHasB, kDoubleAcrossRuns>(a, b, stride, segs, n, op);
+    total = sum_segments_body<decltype(isa)::value, K, kHasB, kDoubleAcrossRuns>(a, b, stride, segs, n, op, prefetch);
   });
   return total;
 }
