@@ -71,6 +71,59 @@ def test_images_shifted_from_the_first(device, shift, memory_format):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mean", [0.0, -3.0, 12.0, 20.0, 1e3])
+@pytest.mark.parametrize("training", [True, False])
+def test_many_channels_last_output(device, dtype, mean, training):
+    """channels_last with 2048 channels (where a CPU kernel may normalize as x * scale + offset
+    while |mean| <= 16 std, and must fall back to (x - mean) * scale + shift beyond): the output
+    within 4 |mean| / std + 16 units of the dtype's eps (float64 training adds the rounding of
+    the batch mean itself) of float64."""
+    c = 2048
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn((4, c, 3, 3), generator=g, dtype=torch.float64) + mean).to(dtype)
+    x = x.to(device).contiguous(memory_format=torch.channels_last)
+    m = bn_cuda.BatchNorm2d(c, device=device, dtype=dtype)
+    with torch.no_grad():
+        m.weight.copy_(torch.rand(c, generator=g, dtype=torch.float64) + 0.5)
+        m.bias.copy_(torch.randn(c, generator=g, dtype=torch.float64))
+        m.running_mean.fill_(mean)
+        m.running_var.fill_(1.0)
+    m.train(training)
+    with torch.no_grad():
+        y = m(x)
+    y_ref, _, _ = reference_batch_norm(
+        x, m.weight.detach(), m.bias.detach(), training=training, running_mean=m.running_mean, running_var=m.running_var
+    )
+    eps = torch.finfo(dtype).eps
+    bound = eps * (4 * abs(mean) + 16) * m.weight.abs().max().item()
+    err = (y.double() - y_ref).abs().max().item()
+    assert err <= bound, f"output error {err} > {bound}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mean", [0.0, 12.0, -15.0, 17.0, 1e4])
+def test_many_channels_last_normalize_is_exact_far_from_zero(device, mean):
+    """normalize with 2048 channels, channels_last, against float64 of (x - mean) * invstd * w + b
+    with the same float32 arguments: within 1e-5 whether the kernel folds the mean into an offset
+    (|mean| * invstd <= 16) or not; folding at |mean| = 1e4 std would cost ~1e-3."""
+    c = 2048
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn((4, c, 3, 3), generator=g, dtype=torch.float64) + mean).float()
+    x = x.to(device).contiguous(memory_format=torch.channels_last)
+    mu = x.double().mean((0, 2, 3)).float()
+    invstd = x.double().var((0, 2, 3), unbiased=False).add(1e-5).rsqrt().float()
+    w = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).float().to(device)
+    b = torch.randn(c, generator=g, dtype=torch.float64).float().to(device)
+    y = torch.ops.bn_cuda.normalize(x, mu.to(device), invstd.to(device), w, b)
+    shape = (1, c, 1, 1)
+    y_ref = (x.double() - mu.double().view(shape).to(device)) * (invstd.double() * w.double()).view(
+        shape
+    ) + b.double().view(shape)
+    assert (y.double() - y_ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("offset", [1e2, 1e3, 1e4])
 @pytest.mark.parametrize("memory_format", MEMORY_FORMATS)
 def test_first_rows_far_from_the_rest(device, offset, memory_format):
