@@ -11,7 +11,8 @@
 // Statistics without per-element double arithmetic: values are shifted by a per-channel pivot
 // (the channel's first value), and each chunk of about kChunk values (L1-resident) is reduced in
 // float in two passes, the shifted sum, then the deviations e from the chunk's shifted mean
-// (sum e and sum e^2, so the rounding of that mean cancels). Chunk states are merged in double
+// (sum e and sum e^2, so the rounding of that mean cancels). Channels-last row blocks (L2) are
+// read once where that is as safe (see channel_stats_nlc). Chunk states are merged in double
 // with Chan's formula (welford.h). With |x - pivot| on the scale of the spread, the shift is
 // exact and float sums of a few thousand values keep the variance well within the 1e-4 relative
 // error tests/test_numerics.py allows at mean 1e5, std 1e-2. Backward sums are float over short
