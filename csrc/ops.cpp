@@ -43,7 +43,8 @@ PyObject* empty_cpu_cache(PyObject*, PyObject*) {
 
 PyMethodDef bn_cuda_methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set of the CPU kernels' loops."},
-    {"cpu_cache_info", cpu_cache_info, METH_NOARGS, "(cached_bytes, limit_bytes, hits, misses) of the CPU output cache."},
+    {"cpu_cache_info", cpu_cache_info, METH_NOARGS,
+     "(cached_bytes, limit_bytes, hits, misses) of the CPU output cache."},
     {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS, "Releases the CPU output cache's freed blocks."},
     {nullptr, nullptr, 0, nullptr}};
 

@@ -243,13 +243,13 @@ int64_t merge_lanes(int64_t n, int64_t count_a, double* mean_a, double* m2_a, in
 // Channels-last statistics, one state per channel. Each block of rows is reduced into per-channel
 // float sums, merged into its group's states; groups are merged in group order.
 // A block is read once from memory, for the sums of d = x - pivot and d^2, with the pivot the
-// mean of the first kPivotRows rows (rounded to acc_t). Where every channel's block mean lies near the
-// pivot (|mean - pivot| <= ~3.9 std of the block: the squared shift is at most kOnePassShift of
-// the mean of d^2), (mean, m2) come from those sums: the cancellation in m2 = sum d^2 -
-// (sum d)^2 / n then costs at most a factor 1 / (1 - kOnePassShift) = 16 in relative error. Else
-// (a block far from the first, constant or non-finite channels) the block, now in L2, is read
-// again for the deviations from its own mean (the sums of e = d - m and e^2), as a two-pass
-// algorithm does, and the result is as accurate as that.
+// mean of the first kPivotRows rows (rounded to acc_t). Where every channel's block mean lies
+// near the pivot (|mean - pivot| <= ~3.9 std of the block: the squared shift is at most
+// kOnePassShift of the mean of d^2), (mean, m2) come from those sums: the cancellation in
+// m2 = sum d^2 - (sum d)^2 / n then costs at most a factor 1 / (1 - kOnePassShift) = 16 in
+// relative error. Else (a block far from the first rows, constant or non-finite channels) the
+// block, now in L2, is read again for the deviations from its own mean (the sums of e = d - m
+// and e^2), as a two-pass algorithm does, and the result is as accurate as that.
 template <typename scalar_t>
 std::vector<Welford> channel_stats_nlc(const scalar_t* x, const ChannelView& v) {
   using acc_t = opmath_t<scalar_t>;
@@ -435,7 +435,8 @@ at::Tensor normalize_with(const ChannelView& v, const at::Tensor& mean, const at
 at::Tensor normalize(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
                      const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias) {
   const ChannelView v = channel_view(input, "normalize");
-  return normalize_with(v, channel_vector(mean, "mean", v, "normalize"), channel_vector(invstd, "invstd", v, "normalize"),
+  return normalize_with(v, channel_vector(mean, "mean", v, "normalize"),
+                        channel_vector(invstd, "invstd", v, "normalize"),
                         channel_vector(weight, "weight", v, 1.0, "normalize"),
                         channel_vector(bias, "bias", v, 0.0, "normalize"));
 }
