@@ -118,6 +118,29 @@ def test_outputs_from_many_threads():
         torch.testing.assert_close(y.double(), reference_batch_norm(x)[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_starts_with_an_empty_cache():
+    """A forked child (a DataLoader worker) gets a fresh lock and an empty cache: a lock held by
+    another thread of the parent at the fork would otherwise never be released there."""
+    bn_cuda.BatchNorm2d(LARGE[1])(torch.randn(LARGE))
+    assert bn_cuda.cpu_cache_info()["cached_bytes"] > 0
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit status only
+        status = 1
+        try:
+            torch.set_num_threads(1)  # OpenMP's thread pool does not survive a fork
+            if bn_cuda.cpu_cache_info()["cached_bytes"] == 0:
+                x = torch.randn(LARGE)
+                y = bn_cuda.functional.batch_norm(x, None, None, training=True)
+                ok = torch.allclose(y.double(), reference_batch_norm(x)[0], rtol=1e-5, atol=1e-5)
+                del y
+                status = 0 if ok and bn_cuda.cpu_cache_info()["cached_bytes"] >= 16 * MIB else 2
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 LIMIT_CHECK = """
 import torch, bn_cuda
 bn = bn_cuda.BatchNorm2d(4)

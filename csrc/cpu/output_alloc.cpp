@@ -8,9 +8,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <new>
 #include <vector>
 
 #if defined(__linux__)
+#include <pthread.h>
 #include <sys/mman.h>
 #endif
 
@@ -59,10 +61,27 @@ void advise_huge_pages(void* ptr, size_t bytes) {
 #endif
 }
 
+class BlockCache;
+BlockCache* block_cache_for_fork();
+
 // Freed blocks, most recently freed last. Never destroyed: outputs may be freed during exit,
 // after static destructors have run.
 class BlockCache {
  public:
+  BlockCache() {
+#if defined(__linux__)
+    // A child forked while another thread held the lock (a DataLoader worker, say) would wait on
+    // it forever, or find the list half-edited: the child starts with a fresh lock and an empty
+    // cache. The parent's blocks are left alone there (its copies, never written, cost nothing).
+    pthread_atfork(nullptr, nullptr, [] {
+      BlockCache* cache = block_cache_for_fork();
+      new (&cache->mutex_) std::mutex();
+      new (&cache->free_) std::vector<Block*>();
+      cache->cached_bytes_ = 0;
+    });
+#endif
+  }
+
   // A block of exactly `bytes` (a multiple of kHugePageBytes): a cached one, or fresh memory.
   Block* take(size_t bytes) {
     {
@@ -142,9 +161,13 @@ class BlockCache {
   int64_t misses_ = 0;
 };
 
-BlockCache& block_cache() {
+BlockCache* block_cache_for_fork() {
   static BlockCache* cache = new BlockCache();
-  return *cache;
+  return cache;
+}
+
+BlockCache& block_cache() {
+  return *block_cache_for_fork();
 }
 
 void give_back(void* context) {

@@ -12,7 +12,8 @@
 //    outputs and the next step asks for the same sizes, which then come back already mapped (no
 //    faults at all). Freed blocks are kept up to BN_CUDA_CPU_CACHE_MB MiB in total (default
 //    1024; 0 keeps none), the oldest released first; bn_cuda.empty_cpu_cache() releases them all,
-//    and a failed allocation releases them and tries again.
+//    and a failed allocation releases them and tries again. A forked child starts with an empty
+//    cache.
 // Smaller outputs come from PyTorch's CPU allocator (glibc's heap already reuses their memory).
 #pragma once
 
