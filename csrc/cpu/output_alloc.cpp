@@ -62,7 +62,7 @@ void advise_huge_pages(void* ptr, size_t bytes) {
 }
 
 class BlockCache;
-BlockCache* block_cache_for_fork();
+BlockCache& block_cache();
 
 // Freed blocks, most recently freed last. Never destroyed: outputs may be freed during exit,
 // after static destructors have run.
@@ -74,10 +74,10 @@ class BlockCache {
     // it forever, or find the list half-edited: the child starts with a fresh lock and an empty
     // cache. The parent's blocks are left alone there (its copies, never written, cost nothing).
     pthread_atfork(nullptr, nullptr, [] {
-      BlockCache* cache = block_cache_for_fork();
-      new (&cache->mutex_) std::mutex();
-      new (&cache->free_) std::vector<Block*>();
-      cache->cached_bytes_ = 0;
+      BlockCache& cache = block_cache();
+      new (&cache.mutex_) std::mutex();
+      new (&cache.free_) std::vector<Block*>();
+      cache.cached_bytes_ = 0;
     });
 #endif
   }
@@ -161,13 +161,9 @@ class BlockCache {
   int64_t misses_ = 0;
 };
 
-BlockCache* block_cache_for_fork() {
-  static BlockCache* cache = new BlockCache();
-  return cache;
-}
-
 BlockCache& block_cache() {
-  return *block_cache_for_fork();
+  static BlockCache* cache = new BlockCache();
+  return *cache;
 }
 
 void give_back(void* context) {

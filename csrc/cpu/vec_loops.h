@@ -359,6 +359,26 @@ void map_planes(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t L, 
 
 // Reductions: op(i, x, g, acc) adds its K terms into acc[0..K) (T acc[K]).
 
+// The steps every reduction below is made of: op's terms for the kStep values at a + o (and
+// b + o), added into lo (the first kWidth) and hi, whose first lane is i ...
+template <typename IO, bool kHasB, typename scalar_t, typename Op, typename Vec>
+BN_CUDA_CPU_INLINE void add_step(const scalar_t* a, const scalar_t* b, int64_t o, int64_t i, const Op& op, Vec* lo,
+                                 Vec* hi) {
+  Vec a0, a1, b0{}, b1{};
+  IO::load(a + o, a0, a1);
+  if constexpr (kHasB) IO::load(b + o, b0, b1);
+  op(i, a0, b0, lo);
+  op(i + IO::kWidth, a1, b1, hi);
+}
+
+// ... and op's terms for the single value at a + o, lane i, added into t.
+template <typename IO, bool kHasB, typename scalar_t, typename Op, typename T>
+BN_CUDA_CPU_INLINE void add_value(const scalar_t* a, const scalar_t* b, int64_t o, int64_t i, const Op& op, T* t) {
+  using acc_t = typename IO::acc_t;
+  const acc_t bi = kHasB ? IO::to_acc(b[o]) : acc_t(0);
+  op(i, IO::to_acc(a[o]), bi, t);
+}
+
 // The K sums of op's terms over i in [0, n) of each of `segs` runs (run s at s * stride), in
 // vector accumulators kept across the runs. kDoubleAcrossRuns = false: in opmath throughout.
 // kDoubleAcrossRuns = true: each run is summed in opmath and its lanes are added into double
@@ -389,16 +409,9 @@ BN_CUDA_CPU_INLINE auto sum_segments_body(const scalar_t* a, const scalar_t* b, 
         __builtin_prefetch(a + o + i + prefetch);
         if constexpr (kHasB) __builtin_prefetch(b + o + i + prefetch);
       }
-      Vec a0, a1, b0{}, b1{};
-      IO::load(a + o + i, a0, a1);
-      if constexpr (kHasB) IO::load(b + o + i, b0, b1);
-      op(i, a0, b0, lo);
-      op(i + IO::kWidth, a1, b1, hi);
+      add_step<IO, kHasB>(a, b, o + i, i, op, lo, hi);
     }
-    for (; i < n; ++i) {
-      const acc_t bi = kHasB ? IO::to_acc(b[o + i]) : acc_t(0);
-      op(i, IO::to_acc(a[o + i]), bi, tail);
-    }
+    for (; i < n; ++i) add_value<IO, kHasB>(a, b, o + i, i, op, tail);
     if constexpr (kFold) {
       for (int k = 0; k < K; ++k) {
         const Vec v = lo[k] + hi[k];
@@ -465,11 +478,7 @@ BN_CUDA_CPU_INLINE void accumulate_rows_body(const scalar_t* a, const scalar_t* 
           __builtin_prefetch(a + o + kRowsPerLoad * row_stride);
           if constexpr (kHasB) __builtin_prefetch(b + o + kRowsPerLoad * row_stride);
         }
-        Vec a0, a1, b0{}, b1{};
-        IO::load(a + o, a0, a1);
-        if constexpr (kHasB) IO::load(b + o, b0, b1);
-        op(i, a0, b0, lo);
-        op(i + IO::kWidth, a1, b1, hi);
+        add_step<IO, kHasB>(a, b, o, i, op, lo, hi);
       }
       for (int k = 0; k < K; ++k) {
         IO::storeu(acc[k] + i, lo[k]);
@@ -479,11 +488,7 @@ BN_CUDA_CPU_INLINE void accumulate_rows_body(const scalar_t* a, const scalar_t* 
     for (; i < n; ++i) {
       acc_t t[K];
       for (int k = 0; k < K; ++k) t[k] = acc[k][i];
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t o = r * row_stride + i;
-        const acc_t bi = kHasB ? IO::to_acc(b[o]) : acc_t(0);
-        op(i, IO::to_acc(a[o]), bi, t);
-      }
+      for (int64_t r = r0; r < r1; ++r) add_value<IO, kHasB>(a, b, r * row_stride + i, i, op, t);
       for (int k = 0; k < K; ++k) acc[k][i] = t[k];
     }
   }
@@ -513,12 +518,7 @@ BN_CUDA_CPU_INLINE void sum_rows_body(const scalar_t* a, const scalar_t* b, int6
   for (; i + IO::kStep <= n; i += IO::kStep) {
     Vec lo0[K] = {}, hi0[K] = {}, lo1[K] = {}, hi1[K] = {};
     const auto add_row = [&](int64_t r, Vec* lo, Vec* hi) __attribute__((always_inline)) {
-      const int64_t o = r * row_stride + i;
-      Vec a0, a1, b0{}, b1{};
-      IO::load(a + o, a0, a1);
-      if constexpr (kHasB) IO::load(b + o, b0, b1);
-      op(i, a0, b0, lo);
-      op(i + IO::kWidth, a1, b1, hi);
+      add_step<IO, kHasB>(a, b, r * row_stride + i, i, op, lo, hi);
     };
     int64_t r = 0;
     for (; r + 2 <= rows; r += 2) {
@@ -533,11 +533,7 @@ BN_CUDA_CPU_INLINE void sum_rows_body(const scalar_t* a, const scalar_t* b, int6
   }
   for (; i < n; ++i) {
     acc_t t[K] = {};
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t o = r * row_stride + i;
-      const acc_t bi = kHasB ? IO::to_acc(b[o]) : acc_t(0);
-      op(i, IO::to_acc(a[o]), bi, t);
-    }
+    for (int64_t r = 0; r < rows; ++r) add_value<IO, kHasB>(a, b, r * row_stride + i, i, op, t);
     for (int k = 0; k < K; ++k) acc[k][i] = t[k];
   }
 }
