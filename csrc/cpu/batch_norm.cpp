@@ -283,7 +283,8 @@ std::vector<Welford> channel_stats_nlc(const scalar_t* x, const ChannelView& v) 
       // where needed, down column tiles (the block is in L2; the sums stay in registers).
       std::fill(sd.begin(), sd.end(), acc_t(0));
       std::fill(sdd.begin(), sdd.end(), acc_t(0));
-      accumulate_rows<2, false>(x + r0 * C, x, C, r1 - r0, C, moments_op(pivot), moment_sums);
+      const PrefetchRun next_block{(r1 - r0) * C, (std::min(split.rows, r1 + split.block_rows) - r1) * C};
+      accumulate_rows<2, false>(x + r0 * C, x, C, r1 - r0, C, moments_op(pivot), moment_sums, next_block);
       bool one_pass = true;
       for (int64_t c = 0; c < C && one_pass; ++c) {
         const double d = sd[c];
@@ -550,7 +551,11 @@ void grad_sums_nlc(const scalar_t* x, const scalar_t* dy, const ChannelView& v, 
       std::fill(block_dy.begin(), block_dy.end(), acc_t(0));
       std::fill(block_dy_xmu.begin(), block_dy_xmu.end(), acc_t(0));
       acc_t* sums[] = {block_dy.data(), block_dy_xmu.data()};
-      accumulate_rows<2, true>(x + r0 * C, dy + r0 * C, C, r1 - r0, C, op, sums);
+      // The rows a block further on, where the rows read a block from now start.
+      const int64_t ahead0 = std::min(split.rows, r0 + split.block_rows);
+      const int64_t ahead1 = std::min(split.rows, r1 + split.block_rows);
+      const PrefetchRun ahead{(ahead0 - r0) * C, (ahead1 - ahead0) * C};
+      accumulate_rows<2, true>(x + r0 * C, dy + r0 * C, C, r1 - r0, C, op, sums, ahead);
       for (int64_t c = 0; c < C; ++c) {
         pdy[c] += block_dy[c];
         pdx[c] += block_dy_xmu[c];

@@ -448,21 +448,34 @@ auto sum_segments(const scalar_t* a, const scalar_t* b, int64_t stride, int64_t 
   return total;
 }
 
+// Values of a (and the same offsets of b) that a loop asks to have in L2 by the time it is done:
+// [offset, offset + count), requested one 64-byte line per step, in address order.
+struct PrefetchRun {
+  int64_t offset = 0;
+  int64_t count = 0;
+};
+
 // acc[k][i] += the sum of op's term k over rows r < rows at column i, for i in [0, n): per-lane
 // sums along channels-last rows, row r starting at r * row_stride. The rows come from memory, so
-// they are read whole, in order (the prefetcher's streams), kRowsPerLoad at a time per load and
-// store of the sums; one call covers a whole block of rows (a row of 64 channels is only 4 steps:
-// a call per row cost more than its arithmetic). Each line read is followed by a prefetch of the
-// same line kRowsPerLoad rows further: the hardware prefetchers ramp up slowly on these short
-// interleaved streams (~10-15% of a statistics pass from memory). Each lane adds its rows in row
-// order.
+// they are read whole, in order, kRowsPerLoad at a time per load and store of the sums; one call
+// covers a whole block of rows (a row of 64 channels is only 4 steps: a call per row cost more
+// than its arithmetic). Read in this order, rows of many channels reach the hardware prefetchers
+// as short interleaved streams that they follow badly (about half the speed of a plain sum from
+// memory at 256 channels): `ahead` names the rows the caller reads next (the next block), and
+// they are prefetched into L2 as one sequential stream while this block is summed, so that every
+// block but the first is summed from L2. Each lane adds its rows in row order.
 template <Isa kIsa, int K, bool kHasB, typename scalar_t, typename Op>
 BN_CUDA_CPU_INLINE void accumulate_rows_body(const scalar_t* a, const scalar_t* b, int64_t row_stride, int64_t rows,
-                                             int64_t n, const Op& op, opmath_t<scalar_t>* const* acc) {
+                                             int64_t n, const Op& op, opmath_t<scalar_t>* const* acc,
+                                             PrefetchRun ahead) {
   using IO = VecIO<scalar_t, kIsa>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
   constexpr int64_t kRowsPerLoad = 4;
+  constexpr int64_t kLine = 64;
+  const char* pa = reinterpret_cast<const char*>(a + ahead.offset);
+  const char* pb = kHasB ? reinterpret_cast<const char*>(b + ahead.offset) : nullptr;
+  const char* const pa_end = reinterpret_cast<const char*>(a + ahead.offset + ahead.count);
   for (int64_t r0 = 0; r0 < rows; r0 += kRowsPerLoad) {
     const int64_t r1 = std::min(rows, r0 + kRowsPerLoad);
     int64_t i = 0;
@@ -473,12 +486,15 @@ BN_CUDA_CPU_INLINE void accumulate_rows_body(const scalar_t* a, const scalar_t* 
         hi[k] = IO::loadu(acc[k] + i + IO::kWidth);
       }
       for (int64_t r = r0; r < r1; ++r) {
-        const int64_t o = r * row_stride + i;
-        if (r + kRowsPerLoad < rows) {  // the same line of the next rows: see above
-          __builtin_prefetch(a + o + kRowsPerLoad * row_stride);
-          if constexpr (kHasB) __builtin_prefetch(b + o + kRowsPerLoad * row_stride);
+        if (pa < pa_end) {
+          __builtin_prefetch(pa, 0, 2);
+          pa += kLine;
+          if constexpr (kHasB) {
+            __builtin_prefetch(pb, 0, 2);
+            pb += kLine;
+          }
         }
-        add_step<IO, kHasB>(a, b, o, i, op, lo, hi);
+        add_step<IO, kHasB>(a, b, r * row_stride + i, i, op, lo, hi);
       }
       for (int k = 0; k < K; ++k) {
         IO::storeu(acc[k] + i, lo[k]);
@@ -496,9 +512,9 @@ BN_CUDA_CPU_INLINE void accumulate_rows_body(const scalar_t* a, const scalar_t* 
 
 template <int K, bool kHasB, typename scalar_t, typename Op>
 void accumulate_rows(const scalar_t* a, const scalar_t* b, int64_t row_stride, int64_t rows, int64_t n, const Op& op,
-                     opmath_t<scalar_t>* const* acc) {
+                     opmath_t<scalar_t>* const* acc, PrefetchRun ahead = {}) {
   run_selected([&](auto isa) __attribute__((always_inline)) {
-    accumulate_rows_body<decltype(isa)::value, K, kHasB>(a, b, row_stride, rows, n, op, acc);
+    accumulate_rows_body<decltype(isa)::value, K, kHasB>(a, b, row_stride, rows, n, op, acc, ahead);
   });
 }
 
