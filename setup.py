@@ -56,7 +56,7 @@ def openmp_flags() -> list[str]:
 
 
 def extension():
-    sources = [os.path.join("csrc", "ops.cpp"), os.path.join("csrc", "running_stats.cpp")]
+    sources = [os.path.join("csrc", name) for name in ("ops.cpp", "running_stats.cpp", "autograd.cpp")]
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     # -g0: the debug info Python's default flags ask for triples build time and size.
     cxx_flags = ["-O3", "-g0", *openmp_flags()]

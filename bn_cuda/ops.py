@@ -3,7 +3,8 @@
 The schemas and their contracts are in csrc/ops.cpp; the CPU and CUDA kernels are registered by
 the compiled extension. Fake kernels give torch.compile / FakeTensor the output shapes, dtypes
 and strides without running anything. Autograd is registered on the forward ops so that
-``torch.ops.bn_cuda.forward_train`` etc. are differentiable wherever they are called from.
+``torch.ops.bn_cuda.forward_train`` etc. are differentiable wherever they are called from: here
+for stats and normalize, in csrc/autograd.cpp for forward_train and forward_eval.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
-__all__ = ["acc_dtype", "batch_norm_reference"]
+__all__ = ["acc_dtype"]
 
 _ops = torch.ops.bn_cuda
 
@@ -136,112 +137,9 @@ def _update_running_stats_fake(
     )
 
 
-# ---- differentiable reference (double backward) ------------------------------------------------
-
-
-def batch_norm_reference(
-    input: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    training: bool,
-    running_mean: Tensor | None = None,
-    running_var: Tensor | None = None,
-) -> Tensor:
-    """Batch norm composed of differentiable PyTorch ops, computed in the accumulation dtype.
-
-    Used where a gradient of a gradient is asked for (``create_graph=True``): the fused kernels
-    give first derivatives only, so double backward differentiates this composition instead.
-    """
-    acc = acc_dtype(input.dtype)
-    x = input.to(acc)
-    shape = _channel_shape(input)
-    if training:
-        var, mean = torch.var_mean(x, _reduce_dims(input), correction=0)
-    else:
-        mean, var = running_mean.to(acc), running_var.to(acc)
-    y = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + eps)
-    if weight is not None:
-        y = y * weight.to(acc).reshape(shape)
-    if bias is not None:
-        y = y + bias.to(acc).reshape(shape)
-    return y.to(input.dtype)
-
-
-def _grads_by_reference(
-    ctx, grad_output: Tensor, training: bool, needs: tuple[bool, bool, bool]
-) -> tuple[Tensor | None, ...]:
-    """Gradients of batch_norm_reference for (input, weight, bias) where ``needs`` says so,
-    themselves differentiable (create_graph=True). ctx holds (input, weight, bias, a, b) with
-    (a, b) the running statistics in eval mode."""
-    input, weight, bias, running_mean, running_var = ctx.saved_tensors
-    if training:
-        running_mean = running_var = None
-    wanted = [(i, t) for i, t in enumerate((input, weight, bias)) if needs[i] and t is not None]
-    y = batch_norm_reference(input, weight, bias, ctx.eps, training, running_mean, running_var)
-    grads = torch.autograd.grad(y, [t for _, t in wanted], grad_output, create_graph=True, allow_unused=True)
-    out: list[Tensor | None] = [None, None, None]
-    for (i, _), g in zip(wanted, grads, strict=True):
-        out[i] = g
-    return tuple(out)
-
-
 # ---- autograd ------------------------------------------------------------------------------------
-
-
-def _forward_train_setup(ctx, inputs, output) -> None:
-    input, weight, bias, eps = inputs
-    _, mean, invstd, var = output
-    ctx.eps = eps
-    ctx.mark_non_differentiable(mean, invstd, var)
-    ctx.save_for_backward(input, weight, bias, mean, invstd)
-
-
-def _forward_train_backward(ctx, grad_output, grad_mean, grad_invstd, grad_var):
-    if torch.is_grad_enabled():
-        return (*_grads_by_reference(ctx, grad_output, True, ctx.needs_input_grad[:3]), None)
-    input, weight, _, mean, invstd = ctx.saved_tensors
-    mask = [bool(m) for m in ctx.needs_input_grad[:3]]
-    grad_input, grad_weight, grad_bias = _ops.backward(grad_output, input, mean, invstd, weight, True, mask)
-    return (
-        grad_input if mask[0] else None,
-        grad_weight if mask[1] else None,
-        grad_bias if mask[2] else None,
-        None,
-    )
-
-
-torch.library.register_autograd("bn_cuda::forward_train", _forward_train_backward, setup_context=_forward_train_setup)
-
-
-def _forward_eval_setup(ctx, inputs, output) -> None:
-    input, running_mean, running_var, weight, bias, eps = inputs
-    ctx.eps = eps
-    ctx.save_for_backward(input, weight, bias, running_mean, running_var)
-
-
-def _forward_eval_backward(ctx, grad_output):
-    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-        raise RuntimeError("bn_cuda.forward_eval is not differentiable with respect to the running statistics")
-    if torch.is_grad_enabled():
-        needs = ctx.needs_input_grad
-        grad_input, grad_weight, grad_bias = _grads_by_reference(
-            ctx, grad_output, False, (needs[0], needs[3], needs[4])
-        )
-    else:
-        input, weight, _, running_mean, running_var = ctx.saved_tensors
-        invstd = torch.rsqrt(running_var.to(acc_dtype(input.dtype)) + ctx.eps)
-        mask = [bool(m) for m in (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])]
-        grad_input, grad_weight, grad_bias = _ops.backward(
-            grad_output, input, running_mean, invstd, weight, False, mask
-        )
-        grad_input, grad_weight, grad_bias = (
-            g if m else None for g, m in zip((grad_input, grad_weight, grad_bias), mask, strict=True)
-        )
-    return grad_input, None, None, grad_weight, grad_bias, None
-
-
-torch.library.register_autograd("bn_cuda::forward_eval", _forward_eval_backward, setup_context=_forward_eval_setup)
+# forward_train and forward_eval, which every module call runs, have their autograd in C++
+# (csrc/autograd.cpp); stats and normalize have theirs here.
 
 
 def _normalize_setup(ctx, inputs, output) -> None:

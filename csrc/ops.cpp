@@ -1,6 +1,6 @@
 // The bn_cuda operator library: every schema, with its contract. Backends register kernels in
-// csrc/cpu/batch_norm.cpp and csrc/cuda/batch_norm.cu; fake kernels and autograd live in
-// bn_cuda/ops.py.
+// csrc/cpu/batch_norm.cpp and csrc/cuda/batch_norm.cu; fake kernels live in bn_cuda/ops.py, autograd
+// in csrc/autograd.cpp (forward_train, forward_eval) and bn_cuda/ops.py (stats, normalize).
 //
 // Shapes: `input` is (N, C, *) with any strides and at least 2 dims; statistics are per channel
 // C, over the N * prod(*) values of each channel. Per-channel vectors (weight, bias, mean, invstd,
