@@ -67,14 +67,48 @@ def test_gradcheck_training_without_running_stats(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("which", ["weight_only", "bias_only"])
-def test_gradcheck_one_param(which, device):
+def test_gradcheck_one_param(which, training, device):
+    # An absent weight or bias shifts the autograd edges of the parameter that is there.
     x = rand((3, 3, 2, 3), device)
     w, b, rm, rv = channel_params(3, device)
     if which == "weight_only":
-        assert gradcheck(lambda x, w: batch_norm(x, rm, rv, w, None, training=True), (x, w))
+        assert gradcheck(lambda x, w: batch_norm(x, rm, rv, w, None, training=training), (x, w))
     else:
-        assert gradcheck(lambda x, b: batch_norm(x, rm, rv, None, b, training=True), (x, b))
+        assert gradcheck(lambda x, b: batch_norm(x, rm, rv, None, b, training=training), (x, b))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("which", ["input", "weight", "bias"])
+def test_forward_ops_give_only_the_gradients_asked_for(which, device):
+    # Each of input, weight and bias alone requiring grad: its gradient is PyTorch's, the
+    # others stay None.
+    for training in (True, False):
+        x, w, b = (
+            rand(s, device, seed=i, requires_grad=(n == which))
+            for i, (n, s) in enumerate((("input", (4, 3, 2, 2)), ("weight", (3,)), ("bias", (3,))))
+        )
+        _, _, rm, rv = channel_params(3, device)
+        y = ops.forward_train(x, w, b, 1e-5)[0] if training else ops.forward_eval(x, rm, rv, w, b, 1e-5)
+        y.pow(2).sum().backward()
+        leaves = [t.detach().requires_grad_(n == which) for n, t in (("input", x), ("weight", w), ("bias", b))]
+        ref = torch.nn.functional.batch_norm(leaves[0], rm.clone(), rv.clone(), leaves[1], leaves[2], training)
+        ref.pow(2).sum().backward()
+        for name, got, want in zip(("input", "weight", "bias"), (x, w, b), leaves, strict=True):
+            if name == which:
+                torch.testing.assert_close(got.grad, want.grad)
+            else:
+                assert got.grad is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_eval_refuses_gradients_of_the_running_statistics(device):
+    x = rand((4, 3, 2, 2), device)
+    w, b, rm, rv = channel_params(3, device)
+    y = ops.forward_eval(x, rm.clone().requires_grad_(), rv, w, b, 1e-5)
+    with pytest.raises(RuntimeError, match="not differentiable with respect to the running statistics"):
+        y.sum().backward()
 
 
 @pytest.mark.parametrize("device", DEVICES)
