@@ -72,6 +72,32 @@ std::unique_ptr<T[]> uninitialized(int64_t n) {
   return std::unique_ptr<T[]>(new T[n]);
 }
 
+// Per-channel vectors are derived from one another by host loops instead of chains of ATen ops:
+// each ATen op on a (C,) tensor costs a microsecond or two of dispatch, more than its arithmetic,
+// and a layer's call has a dozen of them.
+
+// t * scale for a (C,) float64 tensor, rounded once to `dtype`.
+at::Tensor scaled_to(const at::Tensor& t, double scale, at::ScalarType dtype) {
+  at::Tensor out = at::empty(t.sizes(), t.options().dtype(dtype));
+  const double* p = t.const_data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(dtype, "bn_cuda_scaled_to_cpu", [&] {
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < t.numel(); ++i) o[i] = static_cast<scalar_t>(p[i] * scale);
+  });
+  return out;
+}
+
+// 1 / sqrt(var + eps) for a (C,) float64 tensor, in double, rounded once to `dtype`.
+at::Tensor invstd_from_var(const at::Tensor& var, double eps, at::ScalarType dtype) {
+  at::Tensor out = at::empty(var.sizes(), var.options().dtype(dtype));
+  const double* p = var.const_data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(dtype, "bn_cuda_invstd_cpu", [&] {
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < var.numel(); ++i) o[i] = static_cast<scalar_t>(1.0 / std::sqrt(p[i] + eps));
+  });
+  return out;
+}
+
 // Channels per task of a channels-first pass over whole channels: enough for about
 // kElementwiseGrain values, so that a small tensor runs on the calling thread instead of paying
 // for waking the others (a few microseconds, more than a tiny layer's arithmetic).
@@ -394,9 +420,12 @@ void affine_ncl(const scalar_t* x, scalar_t* y, const ChannelView& v, const acc_
 
 // Per-channel statistics as (mean, var) float64 tensors; biased var.
 std::tuple<at::Tensor, at::Tensor> compute_stats(const ChannelView& v) {
-  auto mean = at::zeros({v.C}, v.x.options().dtype(at::kDouble));
-  auto var = at::zeros({v.C}, v.x.options().dtype(at::kDouble));
-  if (v.count() > 0) {
+  auto mean = at::empty({v.C}, v.x.options().dtype(at::kDouble));
+  auto var = at::empty({v.C}, v.x.options().dtype(at::kDouble));
+  if (v.count() == 0) {
+    mean.zero_();
+    var.zero_();
+  } else {
     double* mean_p = mean.mutable_data_ptr<double>();
     double* var_p = var.mutable_data_ptr<double>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "bn_cuda_stats_cpu", [&] {
@@ -431,16 +460,19 @@ at::Tensor normalize_with(const ChannelView& v, const at::Tensor& mean, const at
                           const at::Tensor& weight, const at::Tensor& bias, bool backward = false) {
   at::Tensor y = empty_output(v);
   if (v.x.numel() == 0) return y;
-  const at::Tensor scale = invstd * weight;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "bn_cuda_normalize_cpu", [&] {
     using acc_t = opmath_t<scalar_t>;
     const scalar_t* x = v.x.const_data_ptr<scalar_t>();
     scalar_t* out = y.mutable_data_ptr<scalar_t>();
     const acc_t* mean_p = mean.const_data_ptr<acc_t>();
-    const acc_t* scale_p = scale.const_data_ptr<acc_t>();
+    const acc_t* invstd_p = invstd.const_data_ptr<acc_t>();
+    const acc_t* w_p = weight.const_data_ptr<acc_t>();
+    std::vector<acc_t> scale(v.C);
+    for (int64_t c = 0; c < v.C; ++c) scale[c] = invstd_p[c] * w_p[c];
+    const acc_t* scale_p = scale.data();
     const acc_t* bias_p = bias.const_data_ptr<acc_t>();
     if (v.channels_last) {
-      affine_nlc(x, out, v, mean_p, invstd.const_data_ptr<acc_t>(), scale_p, bias_p, backward);
+      affine_nlc(x, out, v, mean_p, invstd_p, scale_p, bias_p, backward);
     } else {
       affine_ncl(x, out, v, mean_p, scale_p, bias_p);
     }
@@ -469,9 +501,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_train(const a
   const auto acc = acc_type(v.x.scalar_type());
   if (v.channels_last || v.count() == 0) {
     auto [mean64, var64] = compute_stats(v);
-    const at::Tensor mean = mean64.to(acc);
-    const at::Tensor invstd = (var64 + eps).rsqrt().to(acc);
-    return {normalize_with(v, mean, invstd, w, b, /*backward=*/true), mean, invstd, var64.to(acc)};
+    const at::Tensor mean = scaled_to(mean64, 1.0, acc);
+    const at::Tensor invstd = invstd_from_var(var64, eps, acc);
+    return {normalize_with(v, mean, invstd, w, b, /*backward=*/true), mean, invstd, scaled_to(var64, 1.0, acc)};
   }
   // Channels-first: statistics and normalization of one channel back to back, while it is hot;
   // the normalization walks the segments backwards, starting on the most recently read.
@@ -583,6 +615,8 @@ void grad_sums_nlc(const scalar_t* x, const scalar_t* dy, const ChannelView& v, 
       }
     }
   });
+  std::fill(sum_dy, sum_dy + C, 0.0);
+  std::fill(sum_dy_xmu, sum_dy_xmu + C, 0.0);
   for (int64_t g = 0; g < split.groups; ++g) {
     for (int64_t c = 0; c < C; ++c) {
       sum_dy[c] += part_dy[g * C + c];
@@ -593,9 +627,9 @@ void grad_sums_nlc(const scalar_t* x, const scalar_t* dy, const ChannelView& v, 
 
 // Per-channel (sum dy, sum dy * (x - mean)) as double tensors; mean in acc dtype.
 std::tuple<at::Tensor, at::Tensor> grad_sums(const ChannelView& v, const at::Tensor& dy, const at::Tensor& mean) {
-  at::Tensor sum_dy = at::zeros({v.C}, v.x.options().dtype(at::kDouble));
-  at::Tensor sum_dy_xmu = at::zeros({v.C}, v.x.options().dtype(at::kDouble));
-  if (v.count() == 0) return {sum_dy, sum_dy_xmu};
+  at::Tensor sum_dy = at::empty({v.C}, v.x.options().dtype(at::kDouble));
+  at::Tensor sum_dy_xmu = at::empty({v.C}, v.x.options().dtype(at::kDouble));
+  if (v.count() == 0) return {sum_dy.zero_(), sum_dy_xmu.zero_()};
   double* sdy = sum_dy.mutable_data_ptr<double>();
   double* sdx = sum_dy_xmu.mutable_data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "bn_cuda_grad_sums_cpu", [&] {
@@ -623,7 +657,7 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_output
   const at::Tensor dy = grad_like_view(grad_output, v, op);
   auto [sum_dy, sum_dy_xmu] = grad_sums(v, dy, channel_vector(mean, "mean", v, op));
   const auto acc = acc_type(v.x.scalar_type());
-  return {sum_dy.to(acc), sum_dy_xmu.to(acc)};
+  return {scaled_to(sum_dy, 1.0, acc), scaled_to(sum_dy_xmu, 1.0, acc)};
 }
 
 // Elementwise dx for the whole view (see grad_input_op), per-channel coefficients in acc dtype.
@@ -674,12 +708,18 @@ at::Tensor grad_input_train(const ChannelView& v, const at::Tensor& dy, const at
                             const at::Tensor& mean_dy_xmu, bool backward = false) {
   at::Tensor dx = empty_output(v);
   if (v.x.numel() == 0) return dx;
-  const at::Tensor k = invstd * invstd * mean_dy_xmu;
-  const at::Tensor s = invstd * weight;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "bn_cuda_grad_input_cpu", [&] {
     using acc_t = opmath_t<scalar_t>;
+    const acc_t* invstd_p = invstd.const_data_ptr<acc_t>();
+    const acc_t* w_p = weight.const_data_ptr<acc_t>();
+    const acc_t* mean_dy_xmu_p = mean_dy_xmu.const_data_ptr<acc_t>();
+    std::vector<acc_t> k(v.C), s(v.C);
+    for (int64_t c = 0; c < v.C; ++c) {
+      k[c] = invstd_p[c] * invstd_p[c] * mean_dy_xmu_p[c];
+      s[c] = invstd_p[c] * w_p[c];
+    }
     grad_input<true, scalar_t, acc_t>(v, dy, dx, mean.const_data_ptr<acc_t>(), mean_dy.const_data_ptr<acc_t>(),
-                                      k.const_data_ptr<acc_t>(), s.const_data_ptr<acc_t>(), backward);
+                                      k.data(), s.data(), backward);
   });
   return dx;
 }
@@ -787,18 +827,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
     }
     if (training && output_mask[0] && !fused) {
       const double inv_count = v.count() > 0 ? 1.0 / static_cast<double>(v.count()) : 0.0;
-      grad_in = grad_input_train(v, dy, mean_acc, invstd_acc, w, (sum_dy * inv_count).to(acc),
-                                 (sum_dy_xmu * inv_count).to(acc), /*backward=*/true);
+      grad_in = grad_input_train(v, dy, mean_acc, invstd_acc, w, scaled_to(sum_dy, inv_count, acc),
+                                 scaled_to(sum_dy_xmu, inv_count, acc), /*backward=*/true);
     }
   }
   if (!training && output_mask[0]) {
     grad_in = empty_output(v);
     if (v.x.numel() > 0) {
-      const at::Tensor s = invstd_acc * w;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "bn_cuda_grad_input_eval_cpu", [&] {
         using acc_t = opmath_t<scalar_t>;
+        const acc_t* invstd_p = invstd_acc.const_data_ptr<acc_t>();
+        const acc_t* w_p = w.const_data_ptr<acc_t>();
+        std::vector<acc_t> s(v.C);
+        for (int64_t c = 0; c < v.C; ++c) s[c] = invstd_p[c] * w_p[c];
         // Without the statistics terms only s is read; the other coefficient slots are unused.
-        const acc_t* s_p = s.const_data_ptr<acc_t>();
+        const acc_t* s_p = s.data();
         grad_input<false, scalar_t, acc_t>(v, dy, grad_in, s_p, s_p, s_p, s_p, need_sums);
       });
     }
