@@ -179,17 +179,17 @@ def track_batch(
     move toward the batch's with ``momentum``, or cumulatively when it is None. ``count`` and
     ``count_tensor`` are the values per channel, as ``torch.ops.bn_cuda.update_running_stats``
     takes them (``count_tensor``: a count known only on the device)."""
-    with torch.no_grad():
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        if running_mean is None or running_var is None:
-            return
-        if momentum is None and num_batches_tracked is None:
-            momentum = 0.0  # nn.BatchNorm's factor when it has no counter to average over
-        tracked = num_batches_tracked if momentum is None else None
-        torch.ops.bn_cuda.update_running_stats(
-            running_mean, running_var, mean, var, count, momentum, tracked, count_tensor
-        )
+    # No no_grad() needed (it costs as much as the counter's add_): nothing here requires grad.
+    # The counter is an integer buffer, running statistics that require grad were refused by the
+    # checks, and the batch statistics are non-differentiable outputs.
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if running_mean is None or running_var is None:
+        return
+    if momentum is None and num_batches_tracked is None:
+        momentum = 0.0  # nn.BatchNorm's factor when it has no counter to average over
+    tracked = num_batches_tracked if momentum is None else None
+    torch.ops.bn_cuda.update_running_stats(running_mean, running_var, mean, var, count, momentum, tracked, count_tensor)
 
 
 def batch_norm(
