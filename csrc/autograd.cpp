@@ -67,16 +67,6 @@ std::optional<at::Tensor> optional_of(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
-// Which of (input, weight, bias) need a gradient. needs_input_grad counts only the tensors that
-// were given (an absent weight or bias has no edge), so the indices shift past absent ones.
-std::array<bool, 3> needed_grads(const AutogradContext* ctx, bool has_weight, bool has_bias) {
-  size_t edge = 0;
-  const bool input = ctx->needs_input_grad(edge++);
-  const bool weight = has_weight && ctx->needs_input_grad(edge++);
-  const bool bias = has_bias && ctx->needs_input_grad(edge);
-  return {input, weight, bias};
-}
-
 // Batch norm as differentiable ATen ops in the accumulation dtype: batch statistics when
 // `training`, else (running_mean, running_var).
 at::Tensor batch_norm_reference(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
@@ -125,11 +115,42 @@ std::array<at::Tensor, 3> grads_by_reference(const at::Tensor& grad_output, cons
   return out;
 }
 
-// Arguments as forward_train's: (input, weight, bias, eps).
-variable_list with_arg_slots(const std::array<at::Tensor, 3>& grads, size_t extra) {
-  variable_list out(grads.begin(), grads.end());
-  out.resize(3 + extra);
-  return out;
+// Saves what input_and_param_grads needs: (input, weight, bias, a, b), eps, and which of weight
+// and bias were given. (a, b) are (mean, invstd) for forward_train, (running_mean, running_var)
+// for forward_eval.
+void save_for_grads(AutogradContext* ctx, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                    const std::optional<at::Tensor>& bias, const at::Tensor& a, const at::Tensor& b, double eps) {
+  ctx->set_materialize_grads(false);
+  ctx->saved_data["eps"] = eps;
+  ctx->saved_data["has_weight"] = weight.has_value() && weight->defined();
+  ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+  ctx->save_for_backward({input, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), a, b});
+}
+
+// Gradients for (input, weight, bias), each undefined where not needed: from the fused backward
+// op, or differentiable ones from batch_norm_reference under create_graph. weight_edge is the
+// autograd edge of weight (forward_train: 1; forward_eval: 3, after the running statistics);
+// needs_input_grad counts only the tensors that were given, so bias's edge shifts past an absent
+// weight.
+std::array<at::Tensor, 3> input_and_param_grads(AutogradContext* ctx, const at::Tensor& grad_output, bool training,
+                                                size_t weight_edge) {
+  if (!grad_output.defined()) return {};
+  const variable_list saved = ctx->get_saved_variables();
+  const at::Tensor &input = saved[0], &weight = saved[1], &bias = saved[2], &a = saved[3], &b = saved[4];
+  const bool has_weight = ctx->saved_data["has_weight"].toBool();
+  const bool has_bias = ctx->saved_data["has_bias"].toBool();
+  const std::array<bool, 3> needs{ctx->needs_input_grad(0), has_weight && ctx->needs_input_grad(weight_edge),
+                                  has_bias && ctx->needs_input_grad(weight_edge + (has_weight ? 1 : 0))};
+  const double eps = ctx->saved_data["eps"].toDouble();
+  if (at::GradMode::is_enabled()) {
+    return grads_by_reference(grad_output, input, weight, bias, eps, training, a, b, needs);
+  }
+  const at::Tensor invstd = training ? b : at::rsqrt(b.to(acc_type(input.scalar_type())) + eps);
+  auto [grad_input, grad_weight, grad_bias] =
+      backward_op().call(grad_output, input, a, invstd, optional_of(weight), training, needs);
+  // The op returns (0,) placeholders for the outputs it was not asked for.
+  return {needs[0] ? grad_input : at::Tensor(), needs[1] ? grad_weight : at::Tensor(),
+          needs[2] ? grad_bias : at::Tensor()};
 }
 
 // forward_train: gradients for input, weight and bias; mean, invstd and var are not
@@ -143,32 +164,15 @@ struct ForwardTrainFunction : public torch::autograd::Function<ForwardTrainFunct
       out = forward_train_op().call(input, weight, bias, eps);
     }
     auto& [y, mean, invstd, var] = out;
-    ctx->set_materialize_grads(false);
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["has_weight"] = weight.has_value() && weight->defined();
-    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
-    ctx->save_for_backward({input, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), mean, invstd});
+    save_for_grads(ctx, input, weight, bias, mean, invstd, eps);
     ctx->mark_non_differentiable({mean, invstd, var});
     return {y, mean, invstd, var};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &input = saved[0], &weight = saved[1], &bias = saved[2], &mean = saved[3], &invstd = saved[4];
-    const auto needs =
-        needed_grads(ctx, ctx->saved_data["has_weight"].toBool(), ctx->saved_data["has_bias"].toBool());
-    const at::Tensor& grad_output = grads[0];
-    if (!grad_output.defined()) return with_arg_slots({}, 1);
-    if (at::GradMode::is_enabled()) {
-      return with_arg_slots(grads_by_reference(grad_output, input, weight, bias, ctx->saved_data["eps"].toDouble(),
-                                               /*training=*/true, {}, {}, needs),
-                            1);
-    }
-    auto [grad_input, grad_weight, grad_bias] =
-        backward_op().call(grad_output, input, mean, invstd, optional_of(weight), /*training=*/true, needs);
-    return with_arg_slots({needs[0] ? grad_input : at::Tensor(), needs[1] ? grad_weight : at::Tensor(),
-                           needs[2] ? grad_bias : at::Tensor()},
-                          1);
+    const auto g = input_and_param_grads(ctx, grads[0], /*training=*/true, /*weight_edge=*/1);
+    // Forward arguments: (input, weight, bias, eps).
+    return {g[0], g[1], g[2], at::Tensor()};
   }
 };
 
@@ -183,41 +187,14 @@ struct ForwardEvalFunction : public torch::autograd::Function<ForwardEvalFunctio
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       y = forward_eval_op().call(input, running_mean, running_var, weight, bias, eps);
     }
-    ctx->set_materialize_grads(false);
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["has_weight"] = weight.has_value() && weight->defined();
-    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
-    ctx->save_for_backward(
-        {input, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), running_mean, running_var});
+    save_for_grads(ctx, input, weight, bias, running_mean, running_var, eps);
     return {y};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     TORCH_CHECK(!ctx->needs_input_grad(1) && !ctx->needs_input_grad(2),
                 "bn_cuda.forward_eval is not differentiable with respect to the running statistics");
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &input = saved[0], &weight = saved[1], &bias = saved[2];
-    const at::Tensor &running_mean = saved[3], &running_var = saved[4];
-    // Edges: input, running_mean, running_var, then weight and bias where given.
-    const bool has_weight = ctx->saved_data["has_weight"].toBool();
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const std::array<bool, 3> needs{ctx->needs_input_grad(0), has_weight && ctx->needs_input_grad(3),
-                                    has_bias && ctx->needs_input_grad(has_weight ? 4 : 3)};
-    const double eps = ctx->saved_data["eps"].toDouble();
-    const at::Tensor& grad_output = grads[0];
-    std::array<at::Tensor, 3> g;
-    if (!grad_output.defined()) {
-      // nothing flows back
-    } else if (at::GradMode::is_enabled()) {
-      g = grads_by_reference(grad_output, input, weight, bias, eps, /*training=*/false, running_mean, running_var,
-                             needs);
-    } else {
-      const at::Tensor invstd = at::rsqrt(running_var.to(acc_type(input.scalar_type())) + eps);
-      auto [grad_input, grad_weight, grad_bias] =
-          backward_op().call(grad_output, input, running_mean, invstd, optional_of(weight), /*training=*/false, needs);
-      g = {needs[0] ? grad_input : at::Tensor(), needs[1] ? grad_weight : at::Tensor(),
-           needs[2] ? grad_bias : at::Tensor()};
-    }
+    const auto g = input_and_param_grads(ctx, grads[0], /*training=*/false, /*weight_edge=*/3);
     // Forward arguments: (input, running_mean, running_var, weight, bias, eps).
     return {g[0], at::Tensor(), at::Tensor(), g[1], g[2], at::Tensor()};
   }

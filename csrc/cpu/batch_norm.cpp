@@ -87,14 +87,29 @@ at::Tensor scaled_to(const at::Tensor& t, double scale, at::ScalarType dtype) {
   return out;
 }
 
-// 1 / sqrt(var + eps) for a (C,) float64 tensor, in double, rounded once to `dtype`.
+// 1 / sqrt(var + eps) for a (C,) float32 or float64 tensor, in double, rounded once to `dtype`.
 at::Tensor invstd_from_var(const at::Tensor& var, double eps, at::ScalarType dtype) {
   at::Tensor out = at::empty(var.sizes(), var.options().dtype(dtype));
-  const double* p = var.const_data_ptr<double>();
-  AT_DISPATCH_FLOATING_TYPES(dtype, "bn_cuda_invstd_cpu", [&] {
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < var.numel(); ++i) o[i] = static_cast<scalar_t>(1.0 / std::sqrt(p[i] + eps));
+  AT_DISPATCH_FLOATING_TYPES(var.scalar_type(), "bn_cuda_invstd_cpu", [&] {
+    using var_t = scalar_t;
+    const var_t* p = var.const_data_ptr<var_t>();
+    AT_DISPATCH_FLOATING_TYPES(dtype, "bn_cuda_invstd_cpu", [&] {
+      scalar_t* o = out.mutable_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < var.numel(); ++i) {
+        o[i] = static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(p[i]) + eps));
+      }
+    });
   });
+  return out;
+}
+
+// a[c] * b[c] for the C channels, in acc_t (the per-channel scale invstd * weight).
+template <typename acc_t>
+std::vector<acc_t> channel_products(const at::Tensor& a, const at::Tensor& b) {
+  const acc_t* a_p = a.const_data_ptr<acc_t>();
+  const acc_t* b_p = b.const_data_ptr<acc_t>();
+  std::vector<acc_t> out(a.numel());
+  for (size_t c = 0; c < out.size(); ++c) out[c] = a_p[c] * b_p[c];
   return out;
 }
 
@@ -466,9 +481,7 @@ at::Tensor normalize_with(const ChannelView& v, const at::Tensor& mean, const at
     scalar_t* out = y.mutable_data_ptr<scalar_t>();
     const acc_t* mean_p = mean.const_data_ptr<acc_t>();
     const acc_t* invstd_p = invstd.const_data_ptr<acc_t>();
-    const acc_t* w_p = weight.const_data_ptr<acc_t>();
-    std::vector<acc_t> scale(v.C);
-    for (int64_t c = 0; c < v.C; ++c) scale[c] = invstd_p[c] * w_p[c];
+    const std::vector<acc_t> scale = channel_products<acc_t>(invstd, weight);
     const acc_t* scale_p = scale.data();
     const acc_t* bias_p = bias.const_data_ptr<acc_t>();
     if (v.channels_last) {
@@ -545,16 +558,7 @@ at::Tensor forward_eval(const at::Tensor& input, const at::Tensor& running_mean,
   check_eps(eps, /*training=*/false, op);
   const at::Tensor mean = channel_vector(running_mean, "running_mean", v, op);
   const at::Tensor var = channel_vector(running_var, "running_var", v, op);
-  // invstd = 1 / sqrt(var + eps) in double, rounded once, in one loop: the per-call cost of a
-  // chain of small ATen ops is a visible part of a small layer's eval time.
-  at::Tensor invstd = at::empty_like(var);
-  AT_DISPATCH_FLOATING_TYPES(var.scalar_type(), "bn_cuda_eval_invstd_cpu", [&] {
-    const scalar_t* var_p = var.const_data_ptr<scalar_t>();
-    scalar_t* invstd_p = invstd.mutable_data_ptr<scalar_t>();
-    for (int64_t c = 0; c < v.C; ++c) {
-      invstd_p[c] = static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(var_p[c]) + eps));
-    }
-  });
+  const at::Tensor invstd = invstd_from_var(var, eps, var.scalar_type());
   return normalize_with(v, mean, invstd, channel_vector(weight, "weight", v, 1.0, op),
                         channel_vector(bias, "bias", v, 0.0, op));
 }
@@ -711,13 +715,10 @@ at::Tensor grad_input_train(const ChannelView& v, const at::Tensor& dy, const at
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "bn_cuda_grad_input_cpu", [&] {
     using acc_t = opmath_t<scalar_t>;
     const acc_t* invstd_p = invstd.const_data_ptr<acc_t>();
-    const acc_t* w_p = weight.const_data_ptr<acc_t>();
     const acc_t* mean_dy_xmu_p = mean_dy_xmu.const_data_ptr<acc_t>();
-    std::vector<acc_t> k(v.C), s(v.C);
-    for (int64_t c = 0; c < v.C; ++c) {
-      k[c] = invstd_p[c] * invstd_p[c] * mean_dy_xmu_p[c];
-      s[c] = invstd_p[c] * w_p[c];
-    }
+    std::vector<acc_t> k(v.C);
+    for (int64_t c = 0; c < v.C; ++c) k[c] = invstd_p[c] * invstd_p[c] * mean_dy_xmu_p[c];
+    const std::vector<acc_t> s = channel_products<acc_t>(invstd, weight);
     grad_input<true, scalar_t, acc_t>(v, dy, dx, mean.const_data_ptr<acc_t>(), mean_dy.const_data_ptr<acc_t>(),
                                       k.data(), s.data(), backward);
   });
@@ -836,10 +837,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
     if (v.x.numel() > 0) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "bn_cuda_grad_input_eval_cpu", [&] {
         using acc_t = opmath_t<scalar_t>;
-        const acc_t* invstd_p = invstd_acc.const_data_ptr<acc_t>();
-        const acc_t* w_p = w.const_data_ptr<acc_t>();
-        std::vector<acc_t> s(v.C);
-        for (int64_t c = 0; c < v.C; ++c) s[c] = invstd_p[c] * w_p[c];
+        const std::vector<acc_t> s = channel_products<acc_t>(invstd_acc, w);
         // Without the statistics terms only s is read; the other coefficient slots are unused.
         const acc_t* s_p = s.data();
         grad_input<false, scalar_t, acc_t>(v, dy, grad_in, s_p, s_p, s_p, s_p, need_sums);
