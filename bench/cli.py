@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="output directory; default: bench/results/<device-slug>/")
     parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); default: torch's")
     parser.add_argument("--budget", type=float, help="seconds of timing per row, all implementations together")
+    parser.add_argument(
+        "--baselines",
+        help="comma-separated subset of the device's baselines to time next to bn_cuda "
+        "(cuda: torch,torch_native,torch_compile; cpu: torch,torch_compile); default: all. "
+        "Leaving torch_compile out saves its compile time per row",
+    )
     return parser
 
 
@@ -71,6 +77,18 @@ def _passes(values: Sequence[str]) -> list[str]:
     if unknown or not chosen:
         raise ValueError(f"--passes: unknown {unknown}; choose from {', '.join(PASSES)}")
     return list(dict.fromkeys(chosen))
+
+
+def _select_baselines(impls: list[Impl], value: str | None) -> list[Impl]:
+    """The candidate plus the baselines named in `value` (all of them when None), in their order."""
+    if value is None:
+        return impls
+    wanted = [name for name in value.split(",") if name]
+    known = [impl.name for impl in impls if not impl.candidate]
+    unknown = [name for name in wanted if name not in known]
+    if unknown or not wanted:
+        raise ValueError(f"--baselines: unknown {unknown}; choose from {', '.join(known)}")
+    return [impl for impl in impls if impl.candidate or impl.name in wanted]
 
 
 def main(argv: Sequence[str] | None = None, impls: Sequence[Impl] | None = None) -> int:
@@ -99,6 +117,7 @@ def _run(args: argparse.Namespace, argv: list[str], impls: Sequence[Impl] | None
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     chosen = list(impls) if impls is not None else default_impls(device.type)
+    chosen = _select_baselines(chosen, args.baselines)
     check_impls(chosen)
     config = _config(args, device)
     log(f"bench: {machine.device_name(device)} ({device}), dtype {args.dtype}, {threads} CPU threads")

@@ -249,6 +249,8 @@ def test_failing_candidate_keeps_baseline_times(tmp_path):
         pytest.param(["--shapes", "2x3x4"], id="bad-shape"),
         pytest.param(["--passes", "fwd-train,sideways"], id="bad-pass"),
         pytest.param(["--threads", "0"], id="bad-threads"),
+        pytest.param(["--baselines", "torch,cudnn"], id="unknown-baseline"),
+        pytest.param(["--baselines", ","], id="no-baseline"),
         pytest.param(
             ["--device", "cuda"],
             id="no-gpu",
@@ -262,6 +264,16 @@ def test_cli_rejects_bad_options(tmp_path, capsys, extra):
     assert status == 2
     assert "bench: error:" in capsys.readouterr().err
     assert not (tmp_path / "results.csv").exists()
+
+
+def test_baselines_option_keeps_only_the_named_baselines(tmp_path):
+    impls = [stand_in(), *baseline_impls("cpu")]
+    argv = ["--device", "cpu", "--preset", "tiny", "--format", "nchw", "--passes", "fwd-eval", "--budget", "0.01"]
+    assert cli.main([*argv, "--baselines", "torch", "--out", str(tmp_path)], impls=impls) == 0
+    columns, rows = read_csv(tmp_path / "results.csv")
+    assert "torch_us" in columns and "bn_cuda_us" in columns
+    assert not any(column.startswith("torch_compile") for column in columns)
+    assert float(rows[0]["speedup_vs_torch"]) > 0
 
 
 def test_wrong_results_are_flagged(tmp_path):
