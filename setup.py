@@ -9,7 +9,11 @@ Environment:
 
 import glob
 import os
+import shlex
+import subprocess
 import sys
+import sysconfig
+import tempfile
 
 from setuptools import setup
 
@@ -55,12 +59,52 @@ def openmp_flags() -> list[str]:
     return []
 
 
+def links_cxx_runtime_statically(compiler: str) -> bool:
+    """Whether `compiler` puts the C++ runtime itself (libstdc++.a) into a shared library it
+    links, instead of a dependency on libstdc++.so: checked on a one-function library."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "probe.cpp")
+        library = os.path.join(tmp, "probe.so")
+        with open(source, "w") as f:
+            f.write("#include <sstream>\nstd::string probe(long v) { std::ostringstream s; s << v; return s.str(); }\n")
+        try:
+            subprocess.run(
+                [compiler, "-shared", "-fPIC", source, "-o", library], check=True, capture_output=True, timeout=300
+            )
+            dynamic = subprocess.run(["readelf", "-d", library], check=True, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return "libstdc++" not in dynamic.stdout
+
+
+def shared_cxx_runtime_link_args() -> list[str]:
+    """The C++ runtime this process already uses (torch's), named on the link line when the
+    compiler would otherwise link its static libstdc++.a into the extension (seen: a GCC 13 under
+    /opt/gcc on a GPU image). The extension then carried a second copy of the C++ runtime, and
+    every error message that formats a number (TORCH_CHECK(..., count)) crashed in that copy's
+    iostream code instead of raising. Named before the compiler's own -lstdc++, the shared runtime
+    resolves those symbols and nothing is taken from the archive. With a compiler that links the
+    shared runtime (the usual case) nothing is added."""
+    if not sys.platform.startswith("linux"):
+        return []
+    compilers = []
+    for command in (os.environ.get("CXX"), sysconfig.get_config_var("LDCXXSHARED"), sysconfig.get_config_var("CXX")):
+        words = shlex.split(command) if command else []
+        if words and words[0] not in compilers:
+            compilers.append(words[0])
+    if not any(links_cxx_runtime_statically(compiler) for compiler in compilers):
+        return []
+    with open("/proc/self/maps") as maps:
+        loaded = sorted({line.split()[-1] for line in maps if "/libstdc++.so" in line})
+    return loaded[:1]
+
+
 def extension():
     sources = [os.path.join("csrc", name) for name in ("ops.cpp", "running_stats.cpp", "autograd.cpp")]
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     # -g0: the debug info Python's default flags ask for triples build time and size.
     cxx_flags = ["-O3", "-g0", *openmp_flags()]
-    link_flags = openmp_flags()
+    link_flags = [*openmp_flags(), *shared_cxx_runtime_link_args()]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not want_cuda():
         return cpp_extension.CppExtension(

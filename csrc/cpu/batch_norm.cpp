@@ -172,7 +172,7 @@ int64_t next_channel_prefetch(const ChannelView& v, int64_t c) {
 // x - pivot
 template <typename Coef>
 auto shifted_op(Coef pivot) {
-  return [=](int64_t i, auto x, auto, auto& acc) {
+  return [=](int64_t i, auto x, auto, auto& acc) BN_CUDA_CPU_ALWAYS_INLINE {
     using T = decltype(x);
     acc[0] += x - pivot.template at<T>(i);
   };
@@ -181,7 +181,7 @@ auto shifted_op(Coef pivot) {
 // (d, d^2) with d = x - pivot
 template <typename Coef>
 auto moments_op(Coef pivot) {
-  return [=](int64_t i, auto x, auto, auto& acc) {
+  return [=](int64_t i, auto x, auto, auto& acc) BN_CUDA_CPU_ALWAYS_INLINE {
     using T = decltype(x);
     const T d = x - pivot.template at<T>(i);
     acc[0] += d;
@@ -192,7 +192,7 @@ auto moments_op(Coef pivot) {
 // (e, e^2) with e = (x - pivot) - m: subtracting pivot first keeps e exact for large means.
 template <typename Coef>
 auto deviation_op(Coef pivot, Coef m) {
-  return [=](int64_t i, auto x, auto, auto& acc) {
+  return [=](int64_t i, auto x, auto, auto& acc) BN_CUDA_CPU_ALWAYS_INLINE {
     using T = decltype(x);
     const T e = (x - pivot.template at<T>(i)) - m.template at<T>(i);
     acc[0] += e;
@@ -203,7 +203,7 @@ auto deviation_op(Coef pivot, Coef m) {
 // (dy, dy * (x - mean))
 template <typename Coef>
 auto grad_sums_op(Coef mean) {
-  return [=](int64_t i, auto x, auto g, auto& acc) {
+  return [=](int64_t i, auto x, auto g, auto& acc) BN_CUDA_CPU_ALWAYS_INLINE {
     using T = decltype(x);
     acc[0] += g;
     acc[1] += g * (x - mean.template at<T>(i));
@@ -213,7 +213,7 @@ auto grad_sums_op(Coef mean) {
 // (x - mean) * scale + shift
 template <typename Coef>
 auto affine_op(Coef mean, Coef scale, Coef shift) {
-  return [=](int64_t i, auto x, auto) {
+  return [=](int64_t i, auto x, auto) BN_CUDA_CPU_ALWAYS_INLINE {
     using T = decltype(x);
     return (x - mean.template at<T>(i)) * scale.template at<T>(i) + shift.template at<T>(i);
   };
@@ -222,7 +222,7 @@ auto affine_op(Coef mean, Coef scale, Coef shift) {
 // dx = (dy - a - (x - mean) * k) * s, or dx = dy * s when !kUsesX (eval statistics).
 template <bool kUsesX, typename Coef>
 auto grad_input_op(Coef mean, Coef a, Coef k, Coef s) {
-  return [=](int64_t i, auto x, auto g) {
+  return [=](int64_t i, auto x, auto g) BN_CUDA_CPU_ALWAYS_INLINE {
     using T = decltype(x);
     if constexpr (kUsesX) {
       return (g - a.template at<T>(i) - (x - mean.template at<T>(i)) * k.template at<T>(i)) * s.template at<T>(i);
@@ -382,7 +382,7 @@ std::vector<Welford> channel_stats_nlc(const scalar_t* x, const ChannelView& v) 
 // x * scale + offset
 template <typename Coef>
 auto scale_offset_op(Coef scale, Coef offset) {
-  return [=](int64_t i, auto x, auto) {
+  return [=](int64_t i, auto x, auto) BN_CUDA_CPU_ALWAYS_INLINE {
     using T = decltype(x);
     return x * scale.template at<T>(i) + offset.template at<T>(i);
   };

@@ -28,8 +28,12 @@
 // and converts half <-> float with F16C's single instructions (~4x less work per value than the
 // integer sequence the baseline needs). Results may differ between the two in the last bit
 // where v3 fuses a multiply and an add into one FMA.
-// -Wpsabi only warns that 32-byte vector arguments have a different ABI with and without AVX:
-// the operations that take them are lambdas inlined into these loops, never called across ISAs.
+// 32-byte vector arguments and results have a different ABI with and without AVX, so a function
+// that takes or returns one must never be called across ISAs: the operations (lambdas) and the
+// coefficient accessors (Scalar/PerLane::at) are forced inline into the loops that use them
+// (BN_CUDA_CPU_ALWAYS_INLINE / BN_CUDA_CPU_INLINE; an out-of-line copy compiled for the
+// baseline, called from v3 code, would read its vectors from the wrong place). -Wpsabi's notes
+// about that ABI are then noise and are silenced.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define BN_CUDA_CPU_DISPATCH 1
 #define BN_CUDA_CPU_TARGET_V3 __attribute__((target("arch=x86-64-v3")))
@@ -39,6 +43,7 @@
 #define BN_CUDA_CPU_TARGET_V3
 #endif
 #define BN_CUDA_CPU_INLINE inline __attribute__((always_inline))
+#define BN_CUDA_CPU_ALWAYS_INLINE __attribute__((always_inline))  // for lambdas
 
 namespace bn_cuda {
 
@@ -278,7 +283,7 @@ struct Scalar {
   Vec splat;  // value in every lane, made once: the baseline builds it through the stack
   Scalar(acc_t v) : value(v), splat(Vec{} + v) {}
   template <typename T>
-  T at(int64_t) const {
+  BN_CUDA_CPU_INLINE T at(int64_t) const {
     if constexpr (std::is_same_v<T, acc_t>) {
       return value;
     } else {
@@ -291,7 +296,7 @@ template <typename acc_t>
 struct PerLane {
   const acc_t* values;
   template <typename T>
-  T at(int64_t i) const {
+  BN_CUDA_CPU_INLINE T at(int64_t i) const {
     if constexpr (std::is_same_v<T, acc_t>) {
       return values[i];
     } else {
