@@ -7,6 +7,7 @@ before anything is computed or updated, so a call that fails changes no tensor.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["batch_norm"]
@@ -95,10 +96,8 @@ def check_batch_norm_args(
             count *= d
         if count == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
-    if training and eps <= 0.0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if eps < 0.0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if eps <= 0.0:
+        _check_eps_like_torch(eps, training)
     if input.dim() < 2:
         if input.numel() == 0:
             return  # PyTorch passes an empty 0-D/1-D input through (batch_norm_impl returns it)
@@ -137,6 +136,17 @@ def check_batch_norm_args(
                     f"The function 'batch_norm' is not differentiable with respect to argument '{name}'. "
                     "This input cannot have requires_grad True."
                 )
+
+
+def _check_eps_like_torch(eps: float, training: bool) -> None:
+    """Raises what the installed torch.nn.functional.batch_norm raises for this eps <= 0, if
+    anything. PyTorch's rule changed between releases (2.11 refuses every eps <= 0 with "must be
+    positive"; later ones allow 0 in eval and word the two cases apart), so it is asked of torch
+    itself, on a 2x1 input, rather than copied from one release."""
+    try:
+        F.batch_norm(torch.zeros(2, 1), torch.zeros(1), torch.ones(1), training=training, eps=eps)
+    except ValueError as error:
+        raise ValueError(str(error)) from None
 
 
 def batch_norm_impl(

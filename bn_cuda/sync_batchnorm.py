@@ -10,6 +10,7 @@ The cross-process computation is in sync_function.py.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch.distributed as dist
@@ -20,6 +21,21 @@ from .functional import batch_norm_impl, check_batch_norm_args
 from .sync_function import sync_batch_norm
 
 __all__ = ["SyncBatchNorm"]
+
+
+# PyTorch's batch-norm modules take `bias=False` (an affine scale without shift) only in recent
+# releases; with an older torch, SyncBatchNorm refuses it as nn.SyncBatchNorm does.
+_BATCHNORM_TAKES_BIAS = "bias" in inspect.signature(_BatchNorm.__init__).parameters
+
+
+def _bias_argument(bias: bool) -> dict[str, bool]:
+    """The `bias` keyword for _BatchNorm.__init__: passed where torch has it; with a torch that has
+    none, True is its only behaviour and False raises the TypeError torch's modules raise."""
+    if _BATCHNORM_TAKES_BIAS:
+        return {"bias": bias}
+    if not bias:
+        raise TypeError("SyncBatchNorm.__init__() got an unexpected keyword argument 'bias'")
+    return {}
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -102,7 +118,7 @@ class SyncBatchNorm(_BatchNorm):
         bias: bool = True,
     ) -> None:
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, bias=bias
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, **_bias_argument(bias)
         )
         self.process_group = process_group
 
@@ -199,7 +215,8 @@ class SyncBatchNorm(_BatchNorm):
                 module.affine,
                 module.track_running_stats,
                 process_group,
-                bias=module.bias is not None,
+                # A module without bias only exists where torch has the argument.
+                **({"bias": module.bias is not None} if _BATCHNORM_TAKES_BIAS else {}),
             )
             if module.affine:
                 module_output.weight = module.weight

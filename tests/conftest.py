@@ -1,7 +1,10 @@
 """Shared fixtures: the devices to run on and a float64 reference batch norm."""
 
+import inspect
+
 import pytest
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -11,6 +14,13 @@ DEVICES = [
     "cpu",
     pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]),
 ]
+
+# `bias=False` on batch-norm modules exists from PyTorch 2.13 on; with an older torch the cases
+# that use it are skipped (bn_cuda's modules take their constructor from torch's).
+BATCHNORM_TAKES_BIAS = "bias" in inspect.signature(_BatchNorm.__init__).parameters
+needs_bias_argument = pytest.mark.skipif(
+    not BATCHNORM_TAKES_BIAS, reason="this torch's batch-norm modules have no bias argument"
+)
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import DEVICES, HAS_CUDA
+from conftest import BATCHNORM_TAKES_BIAS, DEVICES, HAS_CUDA
 from torch import nn
 
 import bn_cuda
@@ -639,7 +639,11 @@ def test_constructor_and_state_dict_match_pytorch():
         assert repr(ours) == repr(theirs)
         assert ours.state_dict().keys() == theirs.state_dict().keys()
         ours.load_state_dict(theirs.state_dict())
-    assert SyncBatchNorm(5, bias=False).bias is None
+    if BATCHNORM_TAKES_BIAS:
+        assert SyncBatchNorm(5, bias=False).bias is None
+    else:
+        with pytest.raises(TypeError, match="unexpected keyword argument 'bias'"):
+            SyncBatchNorm(5, bias=False)
     m = SyncBatchNorm(5, process_group="pg", dtype=torch.float64)
     assert m.process_group == "pg" and m.weight.dtype == torch.float64
     # A checkpoint of nn.BatchNorm2d loads into it and back.
@@ -657,7 +661,10 @@ def test_convert_sync_batchnorm_keeps_tensors():
     model = nn.Sequential(
         nn.Conv2d(3, 4, 1),
         nn.BatchNorm2d(4, momentum=None),
-        nn.Sequential(bn_cuda.BatchNorm1d(6, eps=1e-3, affine=False), nn.BatchNorm3d(2, bias=False)),
+        nn.Sequential(
+            bn_cuda.BatchNorm1d(6, eps=1e-3, affine=False),
+            nn.BatchNorm3d(2, **({"bias": False} if BATCHNORM_TAKES_BIAS else {})),
+        ),
     )
     model[1].eval()
     originals = [(m, dict(m.named_parameters()), dict(m.named_buffers())) for m in model.modules()]
