@@ -135,8 +135,12 @@ def test_first_rows_far_from_the_rest(device, offset, memory_format):
     x = x.float().to(device).contiguous(memory_format=memory_format)
     mean, var = torch.ops.bn_cuda.stats(x)
     x64 = x.double()
+    mean64 = x64.mean((0, 2, 3))
     var64 = x64.var((0, 2, 3), unbiased=False)
-    assert ((mean - x64.mean((0, 2, 3))).abs() / var64.sqrt()).max().item() <= 1e-6
+    # 1e-6 standard deviations, plus one float32 ulp of the mean itself: a float32 accumulator
+    # (the CUDA kernels') cannot state a mean of ~100 closer than that, whatever the method.
+    tolerance = 1e-6 * var64.sqrt() + torch.finfo(torch.float32).eps * mean64.abs()
+    assert ((mean - mean64).abs() <= tolerance).all()
     assert ((var - var64).abs() / var64).max().item() <= 1e-5
 
 
@@ -206,7 +210,10 @@ def test_non_finite_value_poisons_only_its_channel(device, bad, memory_format, s
         (m.bias.grad[ok], ref.bias.grad[ok]),
     ]:
         assert torch.isfinite(actual).all()
-        torch.testing.assert_close(actual, expected)
+        # Statistics-derived values over up to 4096 float32 values: PyTorch's kernels and
+        # bn_cuda's sum in different orders (a few 1e-6 relative apart on CUDA); their accuracy
+        # is checked against float64 elsewhere, this test is about containment.
+        torch.testing.assert_close(actual, expected, rtol=2e-5, atol=2e-5)
     # Eval with a poisoned running statistic: again only that channel.
     m.eval()
     y = m(normal(shape, 0.0, 1.0, device, seed=2))
