@@ -1,11 +1,15 @@
 // update_running_stats: one device-generic implementation (ATen ops only, no host reads), so the
 // momentum=None cumulative average runs on the tensors' device and under CUDA graphs and
-// torch.compile; plain CPU tensors take a direct loop instead (update_on_host). Registered for
-// CPU here and for CUDA when the CUDA backend is built.
+// torch.compile; plain CPU tensors take a direct loop instead (update_on_host), plain CUDA
+// tensors one fused kernel (update_on_cuda). Registered for CPU here and for CUDA when the CUDA
+// backend is built.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include "op_checks.h"
+#ifdef BN_CUDA_WITH_CUDA
+#include "cuda/launchers.h"
+#endif
 
 namespace bn_cuda {
 namespace {
@@ -55,6 +59,41 @@ bool update_on_host(at::Tensor& running_mean, at::Tensor& running_var, const at:
   return true;
 }
 
+#ifdef BN_CUDA_WITH_CUDA
+// CUDA tensors in the usual layout (contiguous buffers, float or double statistics, an int64
+// counter): one kernel (cuda/running_stats.cu) instead of the generic path's ~10 launches.
+// Returns false where the generic path is needed.
+bool update_on_cuda(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean, const at::Tensor& var,
+                    int64_t count, c10::optional<double> momentum,
+                    const c10::optional<at::Tensor>& num_batches_tracked,
+                    const c10::optional<at::Tensor>& count_tensor) {
+  const bool device_count = count_tensor.has_value() && count_tensor->defined();
+  const auto buffers = running_mean.scalar_type();
+  const bool plain = (buffers == at::kFloat || buffers == at::kDouble || buffers == at::kHalf ||
+                      buffers == at::kBFloat16) &&
+                     mean.is_cuda() && running_mean.device() == mean.device() &&
+                     running_var.device() == mean.device() && running_mean.is_contiguous() &&
+                     running_var.is_contiguous() && mean.is_contiguous() && var.is_contiguous() &&
+                     running_mean.scalar_type() == running_var.scalar_type() &&
+                     mean.scalar_type() == var.scalar_type() &&
+                     (mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble);
+  if (!plain) return false;
+  at::Tensor tracked;
+  if (!momentum.has_value()) {
+    tracked = *num_batches_tracked;
+    if (tracked.scalar_type() != at::kLong || tracked.numel() != 1 || tracked.device() != mean.device()) return false;
+  }
+  at::Tensor count_dev;
+  if (device_count) {
+    TORCH_CHECK(count_tensor->numel() == 1 && count_tensor->device() == mean.device(),
+                "bn_cuda.update_running_stats: count_tensor must be a one-element tensor on ", mean.device());
+    count_dev = count_tensor->reshape({}).to(at::kDouble);
+  }
+  gpu::launch_update_running_stats(running_mean, running_var, mean, var, count, count_dev, momentum, tracked);
+  return true;
+}
+#endif
+
 void check_running(const at::Tensor& t, const char* name, const at::Tensor& stat) {
   TORCH_CHECK(t.defined(), "bn_cuda.update_running_stats: ", name, " is undefined");
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), "bn_cuda.update_running_stats: ", name,
@@ -89,6 +128,11 @@ void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, con
   if (!device_count && update_on_host(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)) {
     return;
   }
+#ifdef BN_CUDA_WITH_CUDA
+  if (update_on_cuda(running_mean, running_var, mean, var, count, momentum, num_batches_tracked, count_tensor)) {
+    return;
+  }
+#endif
   const auto acc = mean.scalar_type();
   const at::Tensor batch_mean = mean.reshape(running_mean.sizes());
   at::Tensor batch_var;

@@ -1,7 +1,8 @@
-// The kernel launchers that the CUDA ops (batch_norm.cu) compose. Each takes the input's
-// ChannelView (op_checks.h) with v.x.numel() > 0, per-channel tensors already made contiguous
-// (C,) acc-dtype by channel_vector(), outputs allocated by the caller, and launches on the current
-// CUDA stream of the current device (the caller holds a CUDAGuard). No host synchronization.
+// The kernel launchers that the CUDA ops (batch_norm.cu, running_stats.cpp) compose. Each launches
+// on the current CUDA stream of the current device, with no host synchronization. The batch-norm
+// launchers take the input's ChannelView (op_checks.h) with v.x.numel() > 0, per-channel tensors
+// already made contiguous (C,) acc-dtype by channel_vector() and outputs allocated by the caller,
+// who holds a CUDAGuard; the running-statistics launcher sets its own guard.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -40,6 +41,19 @@ void launch_backward_train(const ChannelView& v, const at::Tensor& dy, const at:
 // Running-statistics input gradient: dx = dy * invstd * weight per channel; does not read x.
 void launch_backward_eval(const ChannelView& v, const at::Tensor& dy, const at::Tensor& invstd,
                           const at::Tensor& weight, const at::Tensor& dx);
+
+// Running statistics in place, one launch: per channel c,
+//   running_mean = (1 - f) * running_mean + f * mean
+//   running_var  = (1 - f) * running_var  + f * var * n / (n - 1)
+// in the statistics' dtype. running_* are contiguous (C,) of any floating dtype; mean, var
+// contiguous (C,) float or double, the same. f = momentum, or 1 / tracked (a one-element int64
+// tensor, the already incremented num_batches_tracked) when momentum is empty. n = count > 1, or,
+// when count_dev (a one-element float64 tensor) is defined, the count read on the device, where
+// n <= 0 leaves the buffers unchanged. All tensors on one CUDA device.
+void launch_update_running_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
+                                 const at::Tensor& mean, const at::Tensor& var, int64_t count,
+                                 const at::Tensor& count_dev, c10::optional<double> momentum,
+                                 const at::Tensor& tracked);
 
 }  // namespace gpu
 }  // namespace bn_cuda
