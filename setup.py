@@ -61,7 +61,8 @@ def openmp_flags() -> list[str]:
 
 def links_cxx_runtime_statically(compiler: str) -> bool:
     """Whether `compiler` puts the C++ runtime itself (libstdc++.a) into a shared library it
-    links, instead of a dependency on libstdc++.so: checked on a one-function library."""
+    links, instead of a dependency on libstdc++.so: checked on a one-function library, whose
+    dynamic section names "libstdc++.so.6" among its needed libraries unless the runtime is inside."""
     with tempfile.TemporaryDirectory() as tmp:
         source = os.path.join(tmp, "probe.cpp")
         library = os.path.join(tmp, "probe.so")
@@ -71,10 +72,10 @@ def links_cxx_runtime_statically(compiler: str) -> bool:
             subprocess.run(
                 [compiler, "-shared", "-fPIC", source, "-o", library], check=True, capture_output=True, timeout=300
             )
-            dynamic = subprocess.run(["readelf", "-d", library], check=True, capture_output=True, text=True, timeout=60)
+            with open(library, "rb") as f:
+                return b"libstdc++.so" not in f.read()
         except (OSError, subprocess.SubprocessError):
             return False
-        return "libstdc++" not in dynamic.stdout
 
 
 def shared_cxx_runtime_link_args() -> list[str]:
