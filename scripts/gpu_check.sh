@@ -156,6 +156,9 @@ else
   skip_step "bench (resnet50, eager baselines)" "bench/__main__.py not found"
 fi
 
+# Host against kernel time per call (launch-bound or kernel-bound), for the next optimisation.
+run_step "profile (host vs kernels)" 60 no "$OUT/profile.log" "$PYTHON" scripts/profile_cuda.py
+
 # Optional, in the time that is left.
 # racecheck looks at bn_cuda's kernels only: it reports shared-memory hazards in PyTorch's own
 # reduce_kernel (the float64 references of the tests), 22 of them on an H200 with torch 2.11.
