@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU box check, run by `make gpu-check`: build for the local GPU, the whole test suite,
-# compute-sanitizer on the small-shape CUDA tests, the short GPU benchmark, then a summary table.
+# compute-sanitizer on the small-shape CUDA tests, the ResNet-50 GPU benchmark against the eager
+# baselines, host-vs-kernel time per call (scripts/profile_cuda.py), then a summary table.
 #
 # Uses the torch already installed with $PYTHON (never creates a venv, never downloads).
 #   PYTHON      interpreter that has torch (default: python3)
@@ -9,7 +10,8 @@
 #   GPU_CHECK_BUDGET  seconds for all steps together (default 570: the whole check fits in 10 min)
 # Every step runs under its own timeout and all steps run whatever failed before; the exit status
 # is non-zero if a step failed. Steps marked optional are skipped, not failed, when the budget is
-# nearly spent. Logs: build.log, pytest.log, <tool>.log, bench.log, summary.txt (8 files at most).
+# nearly spent. Logs: build.log, pytest.log, <tool>.log, bench.log, profile.log, summary.txt, and
+# the bench's files under bench/.
 set -u
 
 PYTHON=${PYTHON:-python3}
@@ -84,7 +86,7 @@ skip_step() {  # name reason
 
 # ---- environment -----------------------------------------------------------------------------------
 
-rm -f "$OUT"/{build,pytest,memcheck,racecheck,initcheck,synccheck,bench}.log "$OUT/summary.txt"
+rm -f "$OUT"/{build,pytest,memcheck,racecheck,initcheck,synccheck,bench,profile}.log "$OUT/summary.txt"
 if [[ -z ${CUDA_HOME:-} ]] && NVCC=$(command -v nvcc); then
   CUDA_HOME=$(dirname "$(dirname "$NVCC")")
 fi
