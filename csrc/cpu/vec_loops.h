@@ -32,8 +32,9 @@
 // that takes or returns one must never be called across ISAs: the operations (lambdas) and the
 // coefficient accessors (Scalar/PerLane::at) are forced inline into the loops that use them
 // (BN_CUDA_CPU_ALWAYS_INLINE / BN_CUDA_CPU_INLINE; an out-of-line copy compiled for the
-// baseline, called from v3 code, would read its vectors from the wrong place). -Wpsabi's notes
-// about that ABI are then noise and are silenced.
+// baseline, called from v3 code, would read its vectors from the wrong place). -Wpsabi is
+// silenced for that reason; GCC still prints some of its ABI notes for the out-of-line copies it
+// emits and never calls, which are harmless.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define BN_CUDA_CPU_DISPATCH 1
 #define BN_CUDA_CPU_TARGET_V3 __attribute__((target("arch=x86-64-v3")))

@@ -45,7 +45,7 @@ void launch_backward_eval(const ChannelView& v, const at::Tensor& dy, const at::
 // Running statistics in place, one launch: per channel c,
 //   running_mean = (1 - f) * running_mean + f * mean
 //   running_var  = (1 - f) * running_var  + f * var * n / (n - 1)
-// in the statistics' dtype. running_* are contiguous (C,) of any floating dtype; mean, var
+// in the statistics' dtype. running_* are contiguous (C,) float, double, half or bfloat16; mean, var
 // contiguous (C,) float or double, the same. f = momentum, or 1 / tracked (a one-element int64
 // tensor, the already incremented num_batches_tracked) when momentum is empty. n = count > 1, or,
 // when count_dev (a one-element float64 tensor) is defined, the count read on the device, where
