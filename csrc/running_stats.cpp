@@ -25,25 +25,28 @@ void blend_on_host(run_t* running_mean, run_t* running_var, const stat_t* mean, 
   }
 }
 
+// The layout both direct paths take: contiguous buffers of one dtype, contiguous float or double
+// statistics of one dtype (devices are checked to agree before either is tried).
+bool plain_layout(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,
+                  const at::Tensor& var) {
+  return running_mean.is_contiguous() && running_var.is_contiguous() && mean.is_contiguous() &&
+         var.is_contiguous() && running_mean.scalar_type() == running_var.scalar_type() &&
+         mean.scalar_type() == var.scalar_type() &&
+         (mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble);
+}
+
 // CPU tensors with a count known on the host: one loop over the channels in double, as PyTorch's
 // CPU kernel does, instead of the ~10 small ATen ops of the generic path (~20 us per call, more
 // than the kernels of a small layer). Returns false where the generic path is needed.
 bool update_on_host(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
                     const at::Tensor& var, int64_t count, c10::optional<double> momentum,
                     const c10::optional<at::Tensor>& num_batches_tracked) {
-  const bool plain = running_mean.is_cpu() && mean.is_cpu() && running_mean.is_contiguous() &&
-                     running_var.is_contiguous() && mean.is_contiguous() && var.is_contiguous() &&
-                     running_mean.scalar_type() == running_var.scalar_type() &&
-                     mean.scalar_type() == var.scalar_type() &&
-                     (mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble);
-  if (!plain) return false;
+  if (!mean.is_cpu() || !plain_layout(running_mean, running_var, mean, var)) return false;
   double factor;
   if (momentum.has_value()) {
     factor = *momentum;
   } else {
-    const auto& tracked = *num_batches_tracked;
-    if (!tracked.is_cpu() || tracked.numel() != 1) return false;
-    factor = 1.0 / tracked.item<double>();
+    factor = 1.0 / num_batches_tracked->item<double>();  // on the CPU, as mean (checked)
   }
   const double unbias = static_cast<double>(count) / static_cast<double>(count - 1);
   const int64_t n = mean.numel();
@@ -60,33 +63,25 @@ bool update_on_host(at::Tensor& running_mean, at::Tensor& running_var, const at:
 }
 
 #ifdef BN_CUDA_WITH_CUDA
-// CUDA tensors in the usual layout (contiguous buffers, float or double statistics, an int64
+// CUDA tensors in the usual layout (plain_layout, buffers of a dtype the kernel takes, an int64
 // counter): one kernel (cuda/running_stats.cu) instead of the generic path's ~10 launches.
 // Returns false where the generic path is needed.
 bool update_on_cuda(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean, const at::Tensor& var,
                     int64_t count, c10::optional<double> momentum,
                     const c10::optional<at::Tensor>& num_batches_tracked,
                     const c10::optional<at::Tensor>& count_tensor) {
-  const bool device_count = count_tensor.has_value() && count_tensor->defined();
   const auto buffers = running_mean.scalar_type();
-  const bool plain = (buffers == at::kFloat || buffers == at::kDouble || buffers == at::kHalf ||
-                      buffers == at::kBFloat16) &&
-                     mean.is_cuda() && running_mean.device() == mean.device() &&
-                     running_var.device() == mean.device() && running_mean.is_contiguous() &&
-                     running_var.is_contiguous() && mean.is_contiguous() && var.is_contiguous() &&
-                     running_mean.scalar_type() == running_var.scalar_type() &&
-                     mean.scalar_type() == var.scalar_type() &&
-                     (mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble);
-  if (!plain) return false;
+  if (!mean.is_cuda() || !plain_layout(running_mean, running_var, mean, var) ||
+      !(buffers == at::kFloat || buffers == at::kDouble || buffers == at::kHalf || buffers == at::kBFloat16)) {
+    return false;
+  }
   at::Tensor tracked;
   if (!momentum.has_value()) {
     tracked = *num_batches_tracked;
-    if (tracked.scalar_type() != at::kLong || tracked.numel() != 1 || tracked.device() != mean.device()) return false;
+    if (tracked.scalar_type() != at::kLong) return false;
   }
   at::Tensor count_dev;
-  if (device_count) {
-    TORCH_CHECK(count_tensor->numel() == 1 && count_tensor->device() == mean.device(),
-                "bn_cuda.update_running_stats: count_tensor must be a one-element tensor on ", mean.device());
+  if (count_tensor.has_value() && count_tensor->defined()) {
     count_dev = count_tensor->reshape({}).to(at::kDouble);
   }
   gpu::launch_update_running_stats(running_mean, running_var, mean, var, count, count_dev, momentum, tracked);
@@ -117,13 +112,21 @@ void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, con
   TORCH_CHECK(!cumulative || (num_batches_tracked.has_value() && num_batches_tracked->defined()),
               "bn_cuda.update_running_stats: momentum=None needs num_batches_tracked");
   const bool device_count = count_tensor.has_value() && count_tensor->defined();
-  if (!device_count) {
+  if (device_count) {
+    TORCH_CHECK(count_tensor->numel() == 1 && count_tensor->device() == mean.device(),
+                "bn_cuda.update_running_stats: count_tensor must be a one-element tensor on ", mean.device());
+  } else {
     TORCH_CHECK(count >= 0, "bn_cuda.update_running_stats: count must be non-negative, got ", count);
     TORCH_CHECK(count != 1, "bn_cuda.update_running_stats: the unbiased variance needs more than 1 value per "
                 "channel, got count 1");
     if (count == 0) {
       return;  // an empty batch carries no statistics (PyTorch leaves the buffers unchanged too)
     }
+  }
+  if (cumulative) {
+    TORCH_CHECK(num_batches_tracked->numel() == 1 && num_batches_tracked->device() == mean.device(),
+                "bn_cuda.update_running_stats: num_batches_tracked must be a one-element tensor on ",
+                mean.device());
   }
   if (!device_count && update_on_host(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)) {
     return;
@@ -138,8 +141,6 @@ void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, con
   at::Tensor batch_var;
   at::Tensor has_values;  // defined with count_tensor: whether there is anything to average in
   if (device_count) {
-    TORCH_CHECK(count_tensor->numel() == 1 && count_tensor->device() == mean.device(),
-                "bn_cuda.update_running_stats: count_tensor must be a one-element tensor on ", mean.device());
     // The count is known only on the device (a process group's total after a collective): the
     // unbiasing factor and the empty-batch skip are computed there. A count of 1 gives an
     // infinite factor (running_var becomes NaN for a single value's zero variance), as in
@@ -153,9 +154,6 @@ void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, con
   at::Tensor new_mean, new_var;
   if (cumulative) {
     const auto& tracked = *num_batches_tracked;
-    TORCH_CHECK(tracked.numel() == 1 && tracked.device() == mean.device(),
-                "bn_cuda.update_running_stats: num_batches_tracked must be a one-element tensor on ",
-                mean.device());
     const at::Tensor factor = tracked.reshape({}).to(acc).reciprocal();
     const at::Tensor keep = 1 - factor;
     new_mean = factor * batch_mean + keep * running_mean.to(acc);
