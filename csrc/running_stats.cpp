@@ -114,7 +114,8 @@ void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, con
   const bool device_count = count_tensor.has_value() && count_tensor->defined();
   if (device_count) {
     TORCH_CHECK(count_tensor->numel() == 1 && count_tensor->device() == mean.device(),
-                "bn_cuda.update_running_stats: count_tensor must be a one-element tensor on ", mean.device());
+                "bn_cuda.update_running_stats: count_tensor must be a one-element tensor on ", mean.device(),
+                ", got ", count_tensor->numel(), " element(s) on device ", count_tensor->device());
   } else {
     TORCH_CHECK(count >= 0, "bn_cuda.update_running_stats: count must be non-negative, got ", count);
     TORCH_CHECK(count != 1, "bn_cuda.update_running_stats: the unbiased variance needs more than 1 value per "
@@ -126,7 +127,8 @@ void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, con
   if (cumulative) {
     TORCH_CHECK(num_batches_tracked->numel() == 1 && num_batches_tracked->device() == mean.device(),
                 "bn_cuda.update_running_stats: num_batches_tracked must be a one-element tensor on ",
-                mean.device());
+                mean.device(), ", got ", num_batches_tracked->numel(), " element(s) on device ",
+                num_batches_tracked->device());
   }
   if (!device_count && update_on_host(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)) {
     return;

@@ -10,7 +10,7 @@ float64 reference).
 
 import pytest
 import torch
-from conftest import DEVICES, FLOAT_DTYPES, reference_batch_norm
+from conftest import DEVICES, FLOAT_DTYPES, assert_no_worse_than_torch, reference_batch_norm
 from torch import nn
 
 import bn_cuda
@@ -80,17 +80,10 @@ def assert_matches(actual, expected, ref64, input_dtype):
         try:
             torch.testing.assert_close(actual, expected)
         except AssertionError:
-            # PyTorch's own float32 reductions can drift beyond assert_close's tolerance; then
-            # bn_cuda must be the closer of the two to float64.
-            if (actual.double() - ref64).abs().max() > (expected.double() - ref64).abs().max():
-                raise
+            # Float32 sums over many values in another order than PyTorch's: within a few ulp.
+            assert_no_worse_than_torch(actual, expected, ref64, input_dtype)
         return
-    if actual.numel() == 0:
-        return
-    atol = 4 * torch.finfo(input_dtype).eps * max(1.0, ref64.abs().max().item())
-    err = (actual.double() - ref64).abs().max().item()
-    torch_err = (expected.double() - ref64).abs().max().item()
-    assert err <= 2 * torch_err + atol, f"bn_cuda error {err}, PyTorch error {torch_err}"
+    assert_no_worse_than_torch(actual, expected, ref64, input_dtype)
 
 
 def compare(cls, x, training, grad_output=None, momentum=0.1):
