@@ -128,7 +128,7 @@ XDIST=()
 if "$PYTHON" -c 'import xdist' 2>/dev/null; then
   XDIST=(-n 8)
 fi
-run_step "tests (pytest -q tests)" 200 yes "$OUT/pytest.log" \
+run_step "tests (pytest -q tests)" 280 yes "$OUT/pytest.log" \
   env OMP_NUM_THREADS=2 "$PYTHON" -m pytest -q -p no:cacheprovider "${XDIST[@]}" --durations=10 tests
 
 # sanitize_step TOOL LIMIT REQUIRED -k-EXPRESSION [SANITIZER OPTIONS...]
@@ -159,7 +159,7 @@ else
 fi
 
 # Host against kernel time per call (launch-bound or kernel-bound), for the next optimisation.
-run_step "profile (host vs kernels)" 60 no "$OUT/profile.log" "$PYTHON" scripts/profile_cuda.py
+run_step "profile (host vs kernels)" 90 no "$OUT/profile.log" "$PYTHON" scripts/profile_cuda.py
 
 # Optional, in the time that is left.
 # racecheck looks at bn_cuda's kernels only: it reports shared-memory hazards in PyTorch's own

@@ -53,6 +53,25 @@ def kernels_of(fn, calls: int = 10) -> list[tuple[str, float]]:
     return sorted(rows, key=lambda r: -r[1])
 
 
+def host_ops_of(fn, calls: int = 20, top: int = 10) -> list[tuple[str, float, float]]:
+    """(op name, host microseconds per call spent in the op itself, device microseconds per call)
+    of fn, by host time, largest first: where the issuing time of a launch-bound call goes."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.self_cpu_time_total / calls, e.self_device_time_total / calls) for e in prof.key_averages()]
+    return sorted(rows, key=lambda r: -r[1])[:top]
+
+
+def training_step(module, x, grad):
+    """One forward and backward of module on x (the fwd+bwd pass of the bench)."""
+    x.grad = None
+    module(x).backward(grad)
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("profile_cuda: no CUDA GPU visible", file=sys.stderr)
@@ -74,9 +93,20 @@ def main() -> int:
                 f"{label:20s} {name:8s} fwd-train host {host:7.1f} total {total:7.1f}"
                 f" | fwd-eval host {eval_host:6.1f} total {eval_total:6.1f}"
             )
+            grad = torch.randn_like(x)
+            step_host, step_total = per_call_us(functools.partial(training_step, module, x, grad))
+            print(f"{label:20s} {name:8s} fwd+bwd   host {step_host:7.1f} total {step_total:7.1f}")
             if name == "bn_cuda":
                 for kernel, device_us in kernels_of(call)[:5]:
                     print(f"    {device_us:7.1f}  {kernel[:100]}")
+                if shape == SHAPES[0][0]:
+                    # The op alone (no module, no running statistics): the Python layer's share.
+                    op = functools.partial(torch.ops.bn_cuda.forward_train, x, module.weight, module.bias, 1e-5)
+                    op_host, op_total = per_call_us(op)
+                    print(f"    op forward_train alone: host {op_host:7.1f} total {op_total:7.1f}")
+                    print("    host us/call (self), device us/call, op -- training forward:")
+                    for key, host_us, device_us in host_ops_of(call):
+                        print(f"    {host_us:7.1f} {device_us:7.1f}  {key[:90]}")
     return 0
 
 
