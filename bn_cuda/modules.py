@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import batch_norm_impl
@@ -69,6 +71,43 @@ class _BatchNormForward:
     _input_dims: tuple[int, ...]
 
     def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._scripted_forward(input)
+        return self._eager_forward(input)
+
+    def _scripted_forward(self, input: Tensor) -> Tensor:
+        """The forward under TorchScript (torch.jit.script of a model holding this module): the
+        same ops in the same order as module_batch_norm, with nn.BatchNorm's own scriptable checks
+        (input dims, one value per channel in training) in front; the remaining argument checks
+        are the ops' own, raised as RuntimeError."""
+        self._check_input_dim(input)
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        use_buffers = not self.training or self.track_running_stats
+        running_mean = self.running_mean if use_buffers else None
+        running_var = self.running_var if use_buffers else None
+        if not bn_training:
+            if running_mean is None or running_var is None:
+                raise RuntimeError("running_mean and running_var must be defined in evaluation mode")
+            return torch.ops.bn_cuda.forward_eval(input, running_mean, running_var, self.weight, self.bias, self.eps)
+        F._verify_batch_size(input.size())
+        output, mean, _, var = torch.ops.bn_cuda.forward_train(input, self.weight, self.bias, self.eps)
+        counter = self.num_batches_tracked if self.training and self.track_running_stats else None
+        if counter is not None:
+            counter.add_(1)
+        if running_mean is not None and running_var is not None:
+            momentum: float | None = self.momentum
+            tracked: Tensor | None = None
+            if momentum is None:
+                if counter is None:
+                    momentum = 0.0
+                else:
+                    tracked = counter
+            count = input.numel() // input.size(1)
+            torch.ops.bn_cuda.update_running_stats(running_mean, running_var, mean, var, count, momentum, tracked)
+        return output
+
+    @torch.jit.unused
+    def _eager_forward(self, input: Tensor) -> Tensor:
         return module_batch_norm(
             input,
             self._input_dims,

@@ -4,6 +4,7 @@ repr, state_dict interchange, convert_model, and the package's public surface.""
 import copy
 import inspect
 import io
+import warnings
 
 import pytest
 import torch
@@ -113,6 +114,49 @@ def test_training_channels_last_matches_nn(kind, device):
     fmt = torch.channels_last if kind == "2d" else torch.channels_last_3d
     train_steps(ref, mine, BATCHES[kind], device, memory_format=fmt)
     check_eval(ref, mine, BATCHES[kind][0], device)
+
+
+def script(module):
+    """torch.jit.script, whose deprecation warning (PyTorch 2.14) is not this test's subject."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.script(module)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kwargs", [{}, {"momentum": None}, {"affine": False}, {"track_running_stats": False}], ids=str)
+@pytest.mark.parametrize("kind", ["1d", "2d", "3d"])
+def test_torchscript_matches_nn(kind, kwargs, device):
+    """A scripted bn_cuda module trains and evaluates as a scripted nn module does: outputs,
+    gradients, buffers, the counter; and fails as it does (torch.jit.Error carrying nn's
+    ValueError) for a wrong number of dims and for one value per channel in training."""
+    ref, mine = make_pair(kind, device, **kwargs)
+    ref, scripted = script(ref), script(mine)
+    train_steps(ref, scripted, BATCHES[kind], device)
+    check_eval(ref, scripted, BATCHES[kind][0], device)
+    wrong_dims = torch.randn(2, 5, *([3] * (4 if kind == "3d" else 3)), device=device)
+    one_value = torch.randn((1, 5) + (1,) * {"1d": 0, "2d": 2, "3d": 3}[kind], device=device)
+    for module in (ref, scripted):
+        module.train()
+        with pytest.raises(torch.jit.Error, match=r"expected \dD (or \dD )?input"):
+            module(wrong_dims)
+        with pytest.raises(torch.jit.Error, match="more than 1 value per channel"):
+            module(one_value)
+    if mine.num_batches_tracked is not None:
+        assert int(scripted.num_batches_tracked) == len(BATCHES[kind])
+
+
+def test_torchscript_of_a_converted_model():
+    """A model converted with convert_model and then scripted gives the unconverted model's
+    outputs and running statistics."""
+    torch.manual_seed(0)
+    model = TinyResNet()
+    original = copy.deepcopy(model)
+    scripted = script(bn_cuda.convert_model(model))
+    x = batch((4, 3, 6, 6), "cpu", seed=0)
+    torch.testing.assert_close(scripted(x), original(x))
+    for (name, b), b_orig in zip(scripted.named_buffers(), original.buffers(), strict=True):
+        torch.testing.assert_close(b, b_orig, msg=name)
 
 
 @pytest.mark.parametrize("device", DEVICES)
