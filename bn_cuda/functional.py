@@ -7,6 +7,7 @@ before anything is computed or updated, so a call that fails changes no tensor.
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -166,12 +167,59 @@ def batch_norm_impl(
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
     if input.dim() < 2:  # empty (checked): nothing to normalize, no statistics to update
         return input.clone()
+    if _function_transforms_active():
+        output, mean, var = _batch_norm_by_aten_ops(input, running_mean, running_var, weight, bias, training, eps)
+        if training:
+            count = input.numel() // input.shape[1]
+            track_batch(running_mean, running_var, mean.detach(), var.detach(), count, momentum, num_batches_tracked)
+        return output
     if not training:
         return torch.ops.bn_cuda.forward_eval(input, running_mean, running_var, weight, bias, eps)
     output, mean, _, var = torch.ops.bn_cuda.forward_train(input, weight, bias, eps)
     count = input.numel() // input.shape[1]
     track_batch(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
     return output
+
+
+def _function_transforms_active() -> bool:
+    """Whether this call runs under a torch.func transform (grad, vjp, jacrev, jvp, hessian,
+    vmap, functional_call under those) or forward-mode AD (a torch.autograd.forward_ad dual
+    level). The ops' autograd is a C++ autograd.Function, which those cannot see through; the
+    call then takes _batch_norm_by_aten_ops. Never under torch.compile, which traces the ops."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
+
+
+def _batch_norm_by_aten_ops(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward as differentiable ATen ops, for function transforms and forward-mode AD:
+    (output like input, mean, biased var), statistics in the acc dtype (float32 for
+    float16/bfloat16 input, as the ops'). Batch statistics in training, the running ones in
+    eval; the same formula as the kernels, (x - mean) * (invstd * weight) + bias."""
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    dims = [0, *range(2, input.dim())]
+    shape = [1, input.shape[1]] + [1] * (input.dim() - 2)
+    x = input.to(acc)
+    if training:
+        var, mean = torch.var_mean(x, dims, correction=0)
+    else:
+        assert running_mean is not None and running_var is not None  # checked
+        mean, var = running_mean.to(acc), running_var.to(acc)
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.to(acc)
+    y = (x - mean.view(shape)) * scale.view(shape)
+    if bias is not None:
+        y = y + bias.to(acc).view(shape)
+    return y.to(input.dtype), mean, var
 
 
 def track_batch(
