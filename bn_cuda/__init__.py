@@ -5,6 +5,7 @@
 >>> model = bn_cuda.convert_model(model)          # swaps every nn.BatchNorm*d, keeps weights
 >>> y = bn_cuda.functional.batch_norm(x, rm, rv, w, b, training=True)
 >>> model = bn_cuda.convert_model(model, sync=True)   # SyncBatchNorm for multi-process training
+>>> model = bn_cuda.revert_model(model)           # back to torch.nn's classes (e.g. to fuse)
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 # _C loads the kernels and registers torch.ops.bn_cuda; ops then adds fake kernels and autograd.
 from . import _C, functional, ops  # noqa: F401
 from .functional import batch_norm
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model, revert_model
 from .sync_batchnorm import SyncBatchNorm
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ __all__ = [
     "cpu_cache_info",
     "empty_cpu_cache",
     "functional",
+    "revert_model",
 ]
 
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .functional import batch_norm_impl
 from .sync_batchnorm import SyncBatchNorm
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_model"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_model", "revert_model"]
 
 
 def module_batch_norm(
@@ -245,4 +245,24 @@ def convert_model(module: nn.Module, sync: bool = False, process_group: Any | No
         if replacement is not None:
             # The bn_cuda classes add no state to their bases, so changing the class is exact.
             m.__class__ = replacement
+    return module
+
+
+def revert_model(module: nn.Module) -> nn.Module:
+    """Undo :func:`convert_model`: every module whose type is exactly bn_cuda's BatchNorm1d/2d/3d
+    (``module`` itself included) becomes torch.nn's again, in place, keeping its parameter and
+    buffer tensors, mode, hooks and attributes.
+
+    For tools that recognise batch norm by exact type rather than ``isinstance``:
+    ``torch.ao.quantization.fuse_modules``/``fuse_modules_qat`` and quantization flows that match
+    ``nn.BatchNorm2d``. bn_cuda.SyncBatchNorm modules are left as they are.
+
+    Returns:
+        ``module``, for chaining: ``model = bn_cuda.revert_model(model)``.
+    """
+    originals = {bn: torch_cls for torch_cls, bn in _REPLACEMENTS.items()}
+    for m in module.modules():
+        original = originals.get(type(m))
+        if original is not None:
+            m.__class__ = original
     return module

@@ -429,6 +429,37 @@ def test_convert_model_is_idempotent():
     assert type(m[0]) is bn_cuda.BatchNorm2d
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_revert_model_undoes_convert_model(training):
+    """revert_model gives back nn's classes with the same tensors, and exact-type tools work
+    again: torch.ao.quantization's conv-bn-relu fusion, which refuses bn_cuda's classes."""
+    torch.manual_seed(0)
+    model = TinyResNet().train(training)
+    original = copy.deepcopy(model)
+    bn_cuda.convert_model(model)
+    tensors = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    assert bn_cuda.revert_model(model) is model
+    assert {type(m) for m in model.modules()} == {type(m) for m in original.modules()}
+    assert all(t is tensors[n] for n, t in [*model.named_parameters(), *model.named_buffers()])
+    assert all(m.training == training for m in model.modules())
+    x = batch((4, 3, 6, 6), "cpu", seed=0)
+    torch.testing.assert_close(model(x), original(x))
+    fuse = torch.ao.quantization.fuse_modules_qat if training else torch.ao.quantization.fuse_modules
+    converted = bn_cuda.convert_model(copy.deepcopy(original))
+    with pytest.raises(AssertionError, match="fuser method"):
+        fuse(converted.stem, [["0", "1", "2"]])
+    fused = fuse(bn_cuda.revert_model(converted).stem, [["0", "1", "2"]])
+    if not training:
+        torch.testing.assert_close(fused(x), original.stem(x))
+
+
+def test_revert_model_leaves_sync_and_nn_modules():
+    model = nn.Sequential(nn.BatchNorm2d(3), bn_cuda.SyncBatchNorm(3), bn_cuda.BatchNorm1d(3))
+    bn_cuda.revert_model(model)
+    assert [type(m) for m in model] == [nn.BatchNorm2d, bn_cuda.SyncBatchNorm, nn.BatchNorm1d]
+    assert type(bn_cuda.revert_model(bn_cuda.BatchNorm3d(2))) is nn.BatchNorm3d
+
+
 # ---- public surface ----------------------------------------------------------------------------
 
 
