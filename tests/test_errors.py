@@ -568,3 +568,48 @@ def test_functional_momentum_none(device):
     with pytest.raises(type(expected), match="momentum"):
         BF.batch_norm(x.to(device), rm, rv, training=True, momentum=None)
     assert_unchanged(before, [rm, rv])
+
+
+# ---- the fast acceptance of valid calls ---------------------------------------------------------
+
+
+def _argument_variants():
+    """Arguments of check_batch_norm_args, valid and not: every dtype pairing, sizes, None-ness,
+    devices, eps, mode and requires_grad, crossed."""
+    c = 3
+    for in_dtype, p_dtype, shape, present, p_size, training, eps, grad_stats, p_device in itertools.product(
+        [torch.float32, torch.float16, torch.float64, torch.int64],
+        [torch.float32, torch.float16, torch.float64, torch.bfloat16],
+        [(4, c, 2), (1, c, 1), (4, 0, 2), (c,), (0,)],
+        ["all", "no stats", "no affine", "one stat"],
+        [c, c + 1],
+        [True, False],
+        [1e-5, 0.0],
+        [False, True],
+        ["cpu", "meta"],
+    ):
+        x = torch.zeros(shape, dtype=in_dtype)
+
+        def param(value, size=p_size, dtype=p_dtype, device=p_device):
+            return torch.full((size,), value, dtype=dtype, device=device)
+
+        rm, rv, w, b = param(0.0), param(1.0), param(1.0), param(0.0)
+        rm.requires_grad_(grad_stats and p_dtype.is_floating_point)
+        if present == "no stats":
+            rm = rv = None
+        elif present == "no affine":
+            w = b = None
+        elif present == "one stat":
+            rv = None
+        yield x, rm, rv, w, b, training, eps
+
+
+def test_fast_acceptance_only_accepts_what_the_full_check_accepts():
+    """_plainly_valid (run first on every call) says "valid" only for calls the full ordered
+    check lets through, so a failing call always reaches the check that words its error."""
+    accepted = 0
+    for args in _argument_variants():
+        if BF._plainly_valid(*args):
+            accepted += 1
+            BF._check_batch_norm_args_in_order(*args)  # must not raise
+    assert accepted >= 20  # the crossing above does include valid calls
