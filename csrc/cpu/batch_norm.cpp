@@ -427,7 +427,7 @@ void affine_ncl(const scalar_t* x, scalar_t* y, const ChannelView& v, const acc_
                 const acc_t* shift) {
   const int64_t grain = std::max<int64_t>(1, kElementwiseGrain / v.L);
   at::parallel_for(0, v.N * v.C, grain, [&](int64_t s0, int64_t s1) {
-    map_planes<false>(x, x, y, v.L, v.C, s0, s1, [&](int64_t c) __attribute__((always_inline)) {
+    map_planes<false>(x, x, y, v.L, v.C, s0, s1, [mean, scale, shift](int64_t c) __attribute__((always_inline)) {
       return affine_op(Scalar<acc_t>{mean[c]}, Scalar<acc_t>{scale[c]}, Scalar<acc_t>{shift[c]});
     });
   });
@@ -690,7 +690,8 @@ void grad_input(const ChannelView& v, const at::Tensor& dy, const at::Tensor& dx
   } else {
     const int64_t grain = std::max<int64_t>(1, kElementwiseGrain / v.L);
     at::parallel_for(0, v.N * C, grain, [&](int64_t s0, int64_t s1) {
-      const auto make_op = [&](int64_t c) __attribute__((always_inline)) {
+      // Captures by value, as map_planes wants (it keeps a copy in registers).
+      const auto make_op = [mean, a, k, s](int64_t c) __attribute__((always_inline)) {
         return grad_input_op<kUsesX>(Scalar<acc_t>{mean[c]}, Scalar<acc_t>{a[c]}, Scalar<acc_t>{k[c]},
                                      Scalar<acc_t>{s[c]});
       };
@@ -698,7 +699,7 @@ void grad_input(const ChannelView& v, const at::Tensor& dy, const at::Tensor& dx
         map_planes<true>(x, g, out, v.L, C, s0, s1, make_op);
       } else {
         // Eval statistics read only dy: it goes in the first slot.
-        map_planes<false>(g, g, out, v.L, C, s0, s1, [&](int64_t c) __attribute__((always_inline)) {
+        map_planes<false>(g, g, out, v.L, C, s0, s1, [make_op](int64_t c) __attribute__((always_inline)) {
           return [op = make_op(c)](int64_t i, auto gi, auto) { return op(i, gi, gi); };
         });
       }

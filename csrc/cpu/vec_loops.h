@@ -240,7 +240,14 @@ struct VecIO {
     std::memcpy(&bits, &v, sizeof(U32));
     const U32 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
     const U32 nan = reinterpret_cast<U32>(v != v);  // all ones in NaN lanes
-    return nan ? U32{} + 0x7fc0u : rounded;     // one blend with AVX2
+    if constexpr (kIsa == Isa::kV3) {
+      // One blend on the mask as it is: GCC's `nan ? a : b` first compares nan with zero.
+      U32 out;
+      asm("vpblendvb %3, %2, %1, %0" : "=x"(out) : "x"(rounded), "x"(U32{} + 0x7fc0u), "x"(nan));
+      return out;
+    } else {
+      return nan ? U32{} + 0x7fc0u : rounded;
+    }
   }
 
   static void narrow(scalar_t* p, Vec v) {
@@ -354,11 +361,19 @@ template <bool kHasB, typename scalar_t, typename MakeOp>
 void map_planes(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t L, int64_t C, int64_t s0, int64_t s1,
                 const MakeOp& make_op) {
   run_selected([&](auto isa) __attribute__((always_inline)) {
-    int64_t c = s0 % C;
-    for (int64_t s = s0; s < s1; ++s) {
-      map_segments_body<decltype(isa)::value, kHasB>(a + s * L, kHasB ? b + s * L : b, out + s * L, 0, 1, L,
-                                                     make_op(c));
-      if (++c == C) c = 0;
+    // Local copies of the arguments and of make_op (which should capture by value): the loop's
+    // stores go through memcpy and so may alias any memory as far as the compiler knows, which
+    // made it reload every captured reference, and make_op's captures, once per plane.
+    const scalar_t* const a_ = a;
+    const scalar_t* const b_ = b;
+    scalar_t* const out_ = out;
+    const int64_t L_ = L, C_ = C, end = s1;
+    const MakeOp make = make_op;
+    int64_t c = s0 % C_;
+    for (int64_t s = s0; s < end; ++s) {
+      map_segments_body<decltype(isa)::value, kHasB>(a_ + s * L_, kHasB ? b_ + s * L_ : b_, out_ + s * L_, 0, 1, L_,
+                                                     make(c));
+      if (++c == C_) c = 0;
     }
   });
 }
