@@ -124,6 +124,42 @@ def test_many_channels_last_normalize_is_exact_far_from_zero(device, mean):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mean", [0.0, 15.0, -15.5, 17.0, 300.0])
+@pytest.mark.parametrize("memory_format", MEMORY_FORMATS)
+@pytest.mark.parametrize("op", ["normalize", "forward_train"])
+def test_reduced_output_rounded_once_whatever_the_mean(device, dtype, mean, memory_format, op):
+    """float16/bfloat16 outputs are the float64 result rounded once (within one unit in the last
+    place), on either side of |mean| = 16 std, where the CPU kernels switch between
+    x * scale + offset and (x - mean) * scale + shift; 7x7 and 3x3 planes, NCHW and
+    channels_last."""
+    g = torch.Generator().manual_seed(5)
+    for shape in ((6, 8, 7, 7), (5, 40, 3, 3)):
+        c = shape[1]
+        x = (torch.randn(shape, generator=g, dtype=torch.float64) + mean).to(dtype)
+        x = x.to(device).contiguous(memory_format=memory_format)
+        x64 = x.double()
+        w = (torch.rand(c, generator=g) + 0.5).to(device)
+        b = torch.randn(c, generator=g).to(device)
+        shape1 = (1, c, 1, 1)
+        if op == "normalize":
+            mu = x64.mean((0, 2, 3)).float()
+            invstd = x64.var((0, 2, 3), unbiased=False).add(1e-5).rsqrt().float()
+            y = torch.ops.bn_cuda.normalize(x, mu, invstd, w, b)
+            mu64, invstd64 = mu.double(), invstd.double()
+        else:
+            y, mu, invstd, _ = torch.ops.bn_cuda.forward_train(x, w, b, 1e-5)
+            mu64 = x64.mean((0, 2, 3))
+            invstd64 = x64.var((0, 2, 3), unbiased=False).add(1e-5).rsqrt()
+        y_ref = (x64 - mu64.view(shape1)) * (invstd64 * w.double()).view(shape1) + b.double().view(shape1)
+        ulp = torch.finfo(dtype).eps * y_ref.abs().clamp(min=torch.finfo(dtype).tiny)
+        # One rounding of the output is half an ulp of it (the ulp of a value below a power of
+        # two is half eps of that power: allow a full eps-relative unit), plus float32 slack.
+        assert ((y.double() - y_ref).abs() <= ulp + 1e-5).all(), (y.double() - y_ref).abs().max()
+        assert y.is_contiguous(memory_format=memory_format)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("offset", [1e2, 1e3, 1e4])
 @pytest.mark.parametrize("memory_format", MEMORY_FORMATS)
 def test_first_rows_far_from_the_rest(device, offset, memory_format):

@@ -388,17 +388,46 @@ auto scale_offset_op(Coef scale, Coef offset) {
   };
 }
 
+// y = x * scale + offset, offset = shift - mean * scale rounded once from double, may stand for
+// (x - mean) * scale + shift where every |mean| is at most kFoldMeanStd standard deviations
+// (|mean| * invstd): its extra rounding, of x * scale and of offset, is then within
+// ~2 * kFoldMeanStd units in the last place of |scale| * std, the output's scale. That is far
+// below a float16 or bfloat16 output's rounding (2^-19 of the output's scale against 2^-12 and
+// 2^-9), so those fold whenever the bound holds; float32 and float64 fold only where it buys
+// more than an instruction (affine_nlc's many channels).
+constexpr double kFoldMeanStd = 16;
+
+// Whether one channel may fold: false for a NaN mean or invstd too.
+template <typename acc_t>
+bool foldable(acc_t mean, acc_t invstd) {
+  return std::abs(static_cast<double>(mean) * invstd) <= kFoldMeanStd;
+}
+
+template <typename acc_t>
+acc_t folded_offset(acc_t mean, acc_t scale, acc_t shift) {
+  return static_cast<acc_t>(static_cast<double>(shift) - static_cast<double>(mean) * scale);
+}
+
+// The offsets of the folded form for C channels, or an empty vector where some channel may not
+// fold.
+template <typename acc_t>
+std::vector<acc_t> folded_offsets(const acc_t* mean, const acc_t* invstd, const acc_t* scale, const acc_t* shift,
+                                  int64_t C) {
+  std::vector<acc_t> offset(C);
+  for (int64_t c = 0; c < C; ++c) {
+    if (!foldable(mean[c], invstd[c])) return {};
+    offset[c] = folded_offset(mean[c], scale[c], shift[c]);
+  }
+  return offset;
+}
+
 // Channels-last y = (x - mean) * scale + shift over all rows; `backward` as in for_each_group.
-// With many channels, three per-channel arrays crowd L1 beside the rows (C = 2048 float: 24 KiB
-// of 32): there, where every |mean| is at most kTwoArrayMeanStd standard deviations
-// (|mean| * invstd), the pass reads two arrays instead, y = x * scale + offset with offset =
-// shift - mean * scale rounded once from double (~1.5x faster at C = 2048). Its extra rounding,
-// of x * scale and of offset, is then within ~2 * kTwoArrayMeanStd units in the last place of
-// |scale| * std, the output's scale.
+// Folded (see kFoldMeanStd) for float16/bfloat16, and with many channels, where three
+// per-channel arrays crowd L1 beside the rows (C = 2048 float: 24 KiB of 32): reading two
+// arrays instead is ~1.5x faster at C = 2048.
 template <typename scalar_t, typename acc_t>
 void affine_nlc(const scalar_t* x, scalar_t* y, const ChannelView& v, const acc_t* mean, const acc_t* invstd,
                 const acc_t* scale, const acc_t* shift, bool backward) {
-  constexpr double kTwoArrayMeanStd = 16;
   constexpr int64_t kTwoArrayMinBytes = 16384;
   const int64_t C = v.C;
   const RowSplit split(v);
@@ -408,28 +437,36 @@ void affine_nlc(const scalar_t* x, scalar_t* y, const ChannelView& v, const acc_
       map_segments<false>(x + o, x, y + o, C, split.end(g) - split.begin(g), C, op);
     });
   };
-  bool two_arrays = 3 * C * static_cast<int64_t>(sizeof(acc_t)) > kTwoArrayMinBytes;
-  std::vector<acc_t> offset(two_arrays ? C : 0);
-  for (int64_t c = 0; c < C && two_arrays; ++c) {
-    two_arrays = std::abs(static_cast<double>(mean[c]) * invstd[c]) <= kTwoArrayMeanStd;  // false for NaN
-    offset[c] = static_cast<acc_t>(static_cast<double>(shift[c]) - static_cast<double>(mean[c]) * scale[c]);
-  }
-  if (two_arrays) {
+  const bool fold = !std::is_same_v<scalar_t, acc_t> || 3 * C * static_cast<int64_t>(sizeof(acc_t)) > kTwoArrayMinBytes;
+  const std::vector<acc_t> offset = fold ? folded_offsets(mean, invstd, scale, shift, C) : std::vector<acc_t>{};
+  if (!offset.empty()) {
     run(scale_offset_op(PerLane<acc_t>{scale}, PerLane<acc_t>{offset.data()}));
   } else {
     run(affine_op(PerLane<acc_t>{mean}, PerLane<acc_t>{scale}, PerLane<acc_t>{shift}));
   }
 }
 
-// Channels-first y = (x - mean) * scale + shift, over ranges of (n, c) planes.
+// Channels-first y = (x - mean) * scale + shift, over ranges of (n, c) planes; folded (see
+// kFoldMeanStd) for float16/bfloat16.
 template <typename scalar_t, typename acc_t>
-void affine_ncl(const scalar_t* x, scalar_t* y, const ChannelView& v, const acc_t* mean, const acc_t* scale,
-                const acc_t* shift) {
+void affine_ncl(const scalar_t* x, scalar_t* y, const ChannelView& v, const acc_t* mean, const acc_t* invstd,
+                const acc_t* scale, const acc_t* shift) {
   const int64_t grain = std::max<int64_t>(1, kElementwiseGrain / v.L);
+  const std::vector<acc_t> offset = std::is_same_v<scalar_t, acc_t>
+                                        ? std::vector<acc_t>{}
+                                        : folded_offsets(mean, invstd, scale, shift, v.C);
+  const acc_t* offset_p = offset.data();
+  const bool folded = !offset.empty();
   at::parallel_for(0, v.N * v.C, grain, [&](int64_t s0, int64_t s1) {
-    map_planes<false>(x, x, y, v.L, v.C, s0, s1, [mean, scale, shift](int64_t c) __attribute__((always_inline)) {
-      return affine_op(Scalar<acc_t>{mean[c]}, Scalar<acc_t>{scale[c]}, Scalar<acc_t>{shift[c]});
-    });
+    if (folded) {
+      map_planes<false>(x, x, y, v.L, v.C, s0, s1, [scale, offset_p](int64_t c) __attribute__((always_inline)) {
+        return scale_offset_op(Scalar<acc_t>{scale[c]}, Scalar<acc_t>{offset_p[c]});
+      });
+    } else {
+      map_planes<false>(x, x, y, v.L, v.C, s0, s1, [mean, scale, shift](int64_t c) __attribute__((always_inline)) {
+        return affine_op(Scalar<acc_t>{mean[c]}, Scalar<acc_t>{scale[c]}, Scalar<acc_t>{shift[c]});
+      });
+    }
   });
 }
 
@@ -487,7 +524,7 @@ at::Tensor normalize_with(const ChannelView& v, const at::Tensor& mean, const at
     if (v.channels_last) {
       affine_nlc(x, out, v, mean_p, invstd_p, scale_p, bias_p, backward);
     } else {
-      affine_ncl(x, out, v, mean_p, scale_p, bias_p);
+      affine_ncl(x, out, v, mean_p, invstd_p, scale_p, bias_p);
     }
   });
   return y;
@@ -541,10 +578,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_train(const a
         mean_p[c] = static_cast<acc_t>(s.mean);
         var_p[c] = static_cast<acc_t>(channel_var);
         invstd_p[c] = static_cast<acc_t>(channel_invstd);
-        const auto affine = affine_op(Scalar<acc_t>{mean_p[c]}, Scalar<acc_t>{invstd_p[c] * w_p[c]},
-                                      Scalar<acc_t>{b_p[c]});
+        const acc_t scale = invstd_p[c] * w_p[c];
         const int64_t last = ((v.N - 1) * v.C + c) * v.L;  // planes from last to first
-        map_segments<false>(x + last, x, out + last, -v.C * v.L, v.N, v.L, affine);
+        // Folded for float16/bfloat16 where the channel allows it (see kFoldMeanStd).
+        if (!std::is_same_v<scalar_t, acc_t> && foldable(mean_p[c], invstd_p[c])) {
+          const auto folded =
+              scale_offset_op(Scalar<acc_t>{scale}, Scalar<acc_t>{folded_offset(mean_p[c], scale, b_p[c])});
+          map_segments<false>(x + last, x, out + last, -v.C * v.L, v.N, v.L, folded);
+        } else {
+          const auto affine = affine_op(Scalar<acc_t>{mean_p[c]}, Scalar<acc_t>{scale}, Scalar<acc_t>{b_p[c]});
+          map_segments<false>(x + last, x, out + last, -v.C * v.L, v.N, v.L, affine);
+        }
       }
     });
   });

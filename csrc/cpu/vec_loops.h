@@ -348,7 +348,8 @@ template <bool kHasB, typename scalar_t, typename Op>
 void map_segments(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t stride, int64_t segs, int64_t n,
                   const Op& op) {
   run_selected([&](auto isa) __attribute__((always_inline)) {
-    map_segments_body<decltype(isa)::value, kHasB>(a, b, out, stride, segs, n, op);
+    const Op op_ = op;  // a local copy stays in registers across the stores (see map_planes)
+    map_segments_body<decltype(isa)::value, kHasB>(a, b, out, stride, segs, n, op_);
   });
 }
 
