@@ -66,21 +66,6 @@ def _dtype_label(dtype: torch.dtype) -> str:
     return labels.get(dtype, _dtype_name(dtype))
 
 
-def check_batch_norm_args(
-    input: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    training: bool,
-    eps: float,
-) -> None:
-    """Raises what torch.nn.functional.batch_norm raises for these arguments (and a clear error
-    where PyTorch's is opaque: fewer than 2 dims, no channels)."""
-    if not _plainly_valid(input, running_mean, running_var, weight, bias, training, eps):
-        _check_batch_norm_args_in_order(input, running_mean, running_var, weight, bias, training, eps)
-
-
 def _plainly_valid(
     input: Tensor,
     running_mean: Tensor | None,
@@ -90,9 +75,9 @@ def _plainly_valid(
     training: bool,
     eps: float,
 ) -> bool:
-    """True for a call that _check_batch_norm_args_in_order accepts, tested in about half its
-    time (it runs on every batch-norm call); False sends the call to that full check, which
-    finds the first problem in PyTorch's order. Never raises."""
+    """True for a call that check_batch_norm_args's full check accepts, tested in about half its
+    time (it runs on every batch-norm call); False sends the call on to that check, which finds
+    the first problem in PyTorch's order. Never raises."""
     if not isinstance(input, Tensor) or eps <= 0.0 or input.dim() < 2 or input.dtype not in _SUPPORTED_DTYPES:
         return False
     channels = input.shape[1]
@@ -119,7 +104,7 @@ def _plainly_valid(
     return True
 
 
-def _check_batch_norm_args_in_order(
+def check_batch_norm_args(
     input: Tensor,
     running_mean: Tensor | None,
     running_var: Tensor | None,
@@ -128,7 +113,11 @@ def _check_batch_norm_args_in_order(
     training: bool,
     eps: float,
 ) -> None:
-    """check_batch_norm_args's full check: every rule, the first violation in PyTorch's order."""
+    """Raises what torch.nn.functional.batch_norm raises for these arguments (and a clear error
+    where PyTorch's is opaque: fewer than 2 dims, no channels): every rule, the first violation
+    in PyTorch's order. The common valid call is let through by a quicker test first."""
+    if _plainly_valid(input, running_mean, running_var, weight, bias, training, eps):
+        return
     # Positions as in torch.batch_norm(input, weight, bias, running_mean, running_var, ...).
     arguments = (
         ("input", input),
