@@ -210,13 +210,13 @@ def batch_norm_impl(
         return input.clone()
     if _function_transforms_active():
         output, mean, var = _batch_norm_by_aten_ops(input, running_mean, running_var, weight, bias, training, eps)
-        if training:
-            count = input.numel() // input.shape[1]
-            track_batch(running_mean, running_var, mean.detach(), var.detach(), count, momentum, num_batches_tracked)
-        return output
-    if not training:
+        if not training:
+            return output
+        mean, var = mean.detach(), var.detach()
+    elif not training:
         return torch.ops.bn_cuda.forward_eval(input, running_mean, running_var, weight, bias, eps)
-    output, mean, _, var = torch.ops.bn_cuda.forward_train(input, weight, bias, eps)
+    else:
+        output, mean, _, var = torch.ops.bn_cuda.forward_train(input, weight, bias, eps)
     count = input.numel() // input.shape[1]
     track_batch(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
     return output

@@ -19,7 +19,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import batch_norm_impl
+from .functional import batch_norm_impl, track_batch
 from .sync_batchnorm import SyncBatchNorm
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_model", "revert_model"]
@@ -92,18 +92,7 @@ class _BatchNormForward:
         F._verify_batch_size(input.size())
         output, mean, _, var = torch.ops.bn_cuda.forward_train(input, self.weight, self.bias, self.eps)
         counter = self.num_batches_tracked if self.training and self.track_running_stats else None
-        if counter is not None:
-            counter.add_(1)
-        if running_mean is not None and running_var is not None:
-            momentum: float | None = self.momentum
-            tracked: Tensor | None = None
-            if momentum is None:
-                if counter is None:
-                    momentum = 0.0
-                else:
-                    tracked = counter
-            count = input.numel() // input.size(1)
-            torch.ops.bn_cuda.update_running_stats(running_mean, running_var, mean, var, count, momentum, tracked)
+        track_batch(running_mean, running_var, mean, var, input.numel() // input.size(1), self.momentum, counter)
         return output
 
     @torch.jit.unused

@@ -99,6 +99,13 @@ void check_running(const at::Tensor& t, const char* name, const at::Tensor& stat
               " but the batch statistics are on ", stat.device());
 }
 
+// A count or counter tensor: one element, on the statistics' device.
+void check_one_element(const at::Tensor& t, const char* name, const at::Tensor& stat) {
+  TORCH_CHECK(t.numel() == 1 && t.device() == stat.device(), "bn_cuda.update_running_stats: ", name,
+              " must be a one-element tensor on ", stat.device(), ", got ", t.numel(), " element(s) on device ",
+              t.device());
+}
+
 void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
                           const at::Tensor& var, int64_t count, c10::optional<double> momentum,
                           const c10::optional<at::Tensor>& num_batches_tracked,
@@ -113,9 +120,7 @@ void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, con
               "bn_cuda.update_running_stats: momentum=None needs num_batches_tracked");
   const bool device_count = count_tensor.has_value() && count_tensor->defined();
   if (device_count) {
-    TORCH_CHECK(count_tensor->numel() == 1 && count_tensor->device() == mean.device(),
-                "bn_cuda.update_running_stats: count_tensor must be a one-element tensor on ", mean.device(),
-                ", got ", count_tensor->numel(), " element(s) on device ", count_tensor->device());
+    check_one_element(*count_tensor, "count_tensor", mean);
   } else {
     TORCH_CHECK(count >= 0, "bn_cuda.update_running_stats: count must be non-negative, got ", count);
     TORCH_CHECK(count != 1, "bn_cuda.update_running_stats: the unbiased variance needs more than 1 value per "
@@ -125,10 +130,7 @@ void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, con
     }
   }
   if (cumulative) {
-    TORCH_CHECK(num_batches_tracked->numel() == 1 && num_batches_tracked->device() == mean.device(),
-                "bn_cuda.update_running_stats: num_batches_tracked must be a one-element tensor on ",
-                mean.device(), ", got ", num_batches_tracked->numel(), " element(s) on device ",
-                num_batches_tracked->device());
+    check_one_element(*num_batches_tracked, "num_batches_tracked", mean);
   }
   if (!device_count && update_on_host(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)) {
     return;

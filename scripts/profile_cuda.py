@@ -43,13 +43,18 @@ def per_call_us(fn) -> tuple[float, float]:
     return (issued - start) / CALLS * 1e6, (done - start) / CALLS * 1e6
 
 
-def kernels_of(fn, calls: int = 10) -> list[tuple[str, float]]:
-    """(kernel name, device microseconds per call) of fn, largest first."""
+def profiled(fn, calls: int):
+    """torch.profiler's averages over `calls` calls of fn, CPU and CUDA activity."""
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    rows = [(e.key, e.device_time_total / calls) for e in prof.key_averages() if e.device_time_total > 0]
+    return prof.key_averages()
+
+
+def kernels_of(fn, calls: int = 10) -> list[tuple[str, float]]:
+    """(kernel name, device microseconds per call) of fn, largest first."""
+    rows = [(e.key, e.device_time_total / calls) for e in profiled(fn, calls) if e.device_time_total > 0]
     return sorted(rows, key=lambda r: -r[1])
 
 
@@ -58,11 +63,7 @@ def host_ops_of(fn, calls: int = 20, top: int = 10) -> list[tuple[str, float, fl
     of fn, by host time, largest first: where the issuing time of a launch-bound call goes."""
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    rows = [(e.key, e.self_cpu_time_total / calls, e.self_device_time_total / calls) for e in prof.key_averages()]
+    rows = [(e.key, e.self_cpu_time_total / calls, e.self_device_time_total / calls) for e in profiled(fn, calls)]
     return sorted(rows, key=lambda r: -r[1])[:top]
 
 
