@@ -306,3 +306,12 @@ def test_geomean_summary_uses_the_faster_baseline_per_row(tmp_path):
     lines = summarize(str(path))
     assert lines[2] == "| fwd-train | nchw | 2.00x | 0.50x | 0.25x (b) |"
     assert len(lines) == 3
+
+
+@pytest.mark.parametrize("pass_name", ["eval", "train", "bwd", "module_train"])
+def test_op_time_prints_one_time(pass_name, capsys):
+    """bench.op_time (run by scripts/compare_builds.sh in two builds) prints one positive number."""
+    from bench import op_time
+
+    assert op_time.main(["4x3x5x5", "nhwc", "float32", pass_name, "--reps", "2"]) == 0
+    assert float(capsys.readouterr().out) > 0
