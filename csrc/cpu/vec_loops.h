@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 
 // The loops are compiled twice on x86-64 with GCC: for baseline x86-64 and for x86-64-v3 (AVX2,
@@ -468,6 +469,76 @@ auto sum_segments(const scalar_t* a, const scalar_t* b, int64_t stride, int64_t 
     total = sum_segments_body<decltype(isa)::value, K, kHasB, kDoubleAcrossRuns>(a, b, stride, segs, n, op, prefetch);
   });
   return total;
+}
+
+// Per-channel sums over channels-first planes read in memory order: for each image n < N in
+// turn, the planes of channels [c0, c1) (plane (n, c): the L values at (n * C + c) * L, and those
+// of b at the same offsets), with op = make_op(c). A plane's K sums of op's terms are taken in
+// opmath and added into double accumulators of its channel (float sums only as long as a plane,
+// as sum_segments' kDoubleAcrossRuns); totals[k * (c1 - c0) + c - c0] = channel c's sum k over
+// its N planes. Read this way a task's planes are N long sequential runs, which the hardware
+// prefetchers follow; a channel at a time, short planes (7x7: 196 bytes) lie a whole image apart
+// and came from memory at about a third of that speed. A channel's planes are added in image
+// order and the lanes in a fixed order, so the sums depend only on the values, not on how the
+// channels are split into tasks. make_op must be an always-inline lambda capturing by value (see
+// map_planes).
+template <Isa kIsa, int K, bool kHasB, typename scalar_t, typename MakeOp>
+BN_CUDA_CPU_INLINE void sum_planes_body(const scalar_t* a, const scalar_t* b, int64_t N, int64_t C, int64_t L,
+                                        int64_t c0, int64_t c1, const MakeOp& make_op, double* totals) {
+  using IO = VecIO<scalar_t, kIsa>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  using Wide = typename RawVec<double>::type;
+  // Per channel: K double vectors (4 lanes each), then K double tails.
+  constexpr int64_t kSlot = 5 * K;
+  // Local copies (see map_planes): the accumulators' stores may alias anything.
+  const scalar_t* const a_ = a;
+  const scalar_t* const b_ = b;
+  const int64_t N_ = N, C_ = C, L_ = L, first = c0, channels = c1 - c0;
+  const MakeOp make = make_op;
+  const std::unique_ptr<double[]> acc(new double[channels * kSlot]());
+  for (int64_t n = 0; n < N_; ++n) {
+    const int64_t o0 = (n * C_ + first) * L_;
+    for (int64_t j = 0; j < channels; ++j) {
+      const auto op = make(first + j);
+      const int64_t o = o0 + j * L_;
+      Vec lo[K] = {}, hi[K] = {};
+      acc_t tail[K] = {};
+      int64_t i = 0;
+      for (; i + IO::kStep <= L_; i += IO::kStep) add_step<IO, kHasB>(a_, b_, o + i, i, op, lo, hi);
+      for (; i < L_; ++i) add_value<IO, kHasB>(a_, b_, o + i, i, op, tail);
+      double* const slot = acc.get() + j * kSlot;
+      for (int k = 0; k < K; ++k) {
+        const Vec v = lo[k] + hi[k];
+        Wide w;
+        std::memcpy(&w, slot + 4 * k, sizeof(Wide));
+        if constexpr (std::is_same_v<acc_t, double>) {
+          w += v;
+        } else {
+          w += __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3), Wide) +
+               __builtin_convertvector(__builtin_shufflevector(v, v, 4, 5, 6, 7), Wide);
+        }
+        std::memcpy(slot + 4 * k, &w, sizeof(Wide));
+        slot[4 * K + k] += tail[k];
+      }
+    }
+  }
+  for (int64_t j = 0; j < channels; ++j) {
+    const double* const slot = acc.get() + j * kSlot;
+    for (int k = 0; k < K; ++k) {
+      double total = 0;
+      for (int l = 0; l < 4; ++l) total += slot[4 * k + l];
+      totals[k * channels + j] = total + slot[4 * K + k];
+    }
+  }
+}
+
+template <int K, bool kHasB, typename scalar_t, typename MakeOp>
+void sum_planes(const scalar_t* a, const scalar_t* b, int64_t N, int64_t C, int64_t L, int64_t c0, int64_t c1,
+                const MakeOp& make_op, double* totals) {
+  run_selected([&](auto isa) __attribute__((always_inline)) {
+    sum_planes_body<decltype(isa)::value, K, kHasB>(a, b, N, C, L, c0, c1, make_op, totals);
+  });
 }
 
 // Values of a (and the same offsets of b) that a loop asks to have in L2 by the time it is done:
