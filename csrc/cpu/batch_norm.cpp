@@ -288,9 +288,9 @@ Welford channel_stats_ncl(const scalar_t* x, const ChannelView& v, int64_t c) {
   return s;
 }
 
-// Statistics of channels [c0, c1) of a channels-first view with short planes (kMemoryOrderPlane), read
-// once in memory order (sum_planes): the sums of d = x - pivot and d^2, the pivot the mean of the
-// channel's first plane. As in channel_stats_nlc, (mean, m2) come from those sums where the
+// Statistics of channels [c0, c1) of a channels-first view with short planes (kMemoryOrderPlane),
+// read once in memory order (sum_planes): the sums of d = x - pivot and d^2, the pivot the mean
+// of the channel's first plane. As in channel_stats_nlc, (mean, m2) come from those sums where the
 // channel's mean lies within ~3.9 std of its pivot (kOnePassShift); a channel that does not (its
 // first plane far from the rest, non-finite values) is read again by channel_stats_ncl's two
 // passes, which are as accurate as a two-pass algorithm.
