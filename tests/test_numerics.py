@@ -365,6 +365,29 @@ def test_cpu_result_does_not_depend_on_thread_count(memory_format, shape):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_16bit_folding_does_not_depend_on_thread_count(dtype):
+    """16-bit training forward folds the mean into an offset for each channel whose mean lies
+    within 16 standard deviations of 0. Channels 0-255 all fold, the others alternate: split
+    between two threads, the first half folds throughout and the second does not, on one thread
+    the whole range is mixed. The output must be the same bits either way."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn((8, 512, 7, 7), generator=g, dtype=torch.float64)
+    x[:, 257::2] += 1e3  # |mean| / std ~ 1e3: not folded
+    x = x.to(dtype)
+    weight, bias = torch.rand(512, generator=g) + 0.5, torch.randn(512, generator=g)
+    previous = torch.get_num_threads()
+    outputs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outputs.append(torch.ops.bn_cuda.forward_train(x, weight, bias, 1e-5))
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(*outputs, strict=True):
+        assert torch.equal(a, b)
+
+
 # ---- float16 / bfloat16 storage: loads and stores round exactly as PyTorch's conversions ----------
 
 

@@ -656,9 +656,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_train(const a
     acc_t* mean_p = mean.mutable_data_ptr<acc_t>();
     acc_t* invstd_p = invstd.mutable_data_ptr<acc_t>();
     acc_t* var_p = var.mutable_data_ptr<acc_t>();
-    // Short planes: per-channel scale and folded offset, filled by each task for its channels.
+    // Short planes: per-channel coefficients, filled by each task for its channels.
     const bool memory_order = v.L < kMemoryOrderPlane;
-    std::vector<acc_t> scales(memory_order ? v.C : 0), offsets(scales.size());
+    std::vector<acc_t> centers(memory_order ? v.C : 0), scales(centers.size()), shifts(centers.size());
     at::parallel_for(0, v.C, channel_grain(v), [&](int64_t c0, int64_t c1) {
       // Sets channel c's mean, var and invstd from its state; returns its scale.
       const auto set_stats = [&](int64_t c, const Welford& s) __attribute__((always_inline)) {
@@ -670,19 +670,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_train(const a
       };
       if (memory_order) {
         // Statistics in memory order, then the normalization image by image from the last, whose
-        // planes the statistics read last; folded where every channel of the task allows it.
+        // planes the statistics read last. Float16/bfloat16 fold each channel that allows it (see
+        // kFoldMeanStd) as (x - 0) * scale + offset, which rounds exactly as x * scale + offset:
+        // the result does not depend on which channels share a task (that is, on the thread
+        // count); where all of a task's channels fold, the loop drops the subtraction.
         const std::vector<Welford> states = plane_stats(x, v, c0, c1);
-        bool fold = !std::is_same_v<scalar_t, acc_t>;
+        bool all_fold = true;
         for (int64_t c = c0; c < c1; ++c) {
           scales[c] = set_stats(c, states[c - c0]);
-          fold = fold && foldable(mean_p[c], invstd_p[c]);
-        }
-        if (fold) {
-          for (int64_t c = c0; c < c1; ++c) offsets[c] = folded_offset(mean_p[c], scales[c], b_p[c]);
+          const bool fold = !std::is_same_v<scalar_t, acc_t> && foldable(mean_p[c], invstd_p[c]);
+          centers[c] = fold ? acc_t(0) : mean_p[c];
+          shifts[c] = fold ? folded_offset(mean_p[c], scales[c], b_p[c]) : b_p[c];
+          all_fold = all_fold && fold;
         }
         for (int64_t n = v.N - 1; n >= 0; --n) {
-          affine_planes(x, out, v, n * v.C + c0, n * v.C + c1, mean_p, scales.data(), b_p,
-                        fold ? offsets.data() : nullptr);
+          affine_planes(x, out, v, n * v.C + c0, n * v.C + c1, centers.data(), scales.data(), shifts.data(),
+                        all_fold ? shifts.data() : nullptr);
         }
         return;
       }
