@@ -2,8 +2,10 @@
 //
 // Layouts (see ChannelView in op_checks.h):
 //  - channels-first, memory (N, C, L): a channel is N contiguous segments of L values. Work is
-//    split over channels, and each channel's statistics and its normalize / dx pass run back to
-//    back while the channel's values are still in cache.
+//    split over channels. Long planes: each channel's statistics and its normalize / dx pass run
+//    back to back while the channel's values are still in cache. Short planes (see
+//    kMemoryOrderPlane): a task's channels are read image by image, in memory order, for their
+//    statistics, then again for the normalize / dx pass.
 //  - channels-last, memory (N*L rows, C columns): vectors run along C. Rows are split into fixed
 //    blocks and groups of blocks (RowSplit); groups produce per-channel partials that are merged
 //    in group order. A pass that follows a full read of the tensor walks the groups backwards,
@@ -11,14 +13,16 @@
 // Statistics without per-element double arithmetic: values are shifted by a per-channel pivot
 // (the channel's first value), and each chunk of about kChunk values (L1-resident) is reduced in
 // float in two passes, the shifted sum, then the deviations e from the chunk's shifted mean
-// (sum e and sum e^2, so the rounding of that mean cancels). Channels-last row blocks (L2) are
-// read once where that is as safe (see channel_stats_nlc). Chunk states are merged in double
+// (sum e and sum e^2, so the rounding of that mean cancels). Channels-last row blocks (L2) and
+// short channels-first planes are read once where that is as safe (see channel_stats_nlc,
+// plane_stats). Chunk states are merged in double
 // with Chan's formula (welford.h). With |x - pivot| on the scale of the spread, the shift is
 // exact and float sums of a few thousand values keep the variance well within the 1e-4 relative
 // error tests/test_numerics.py allows at mean 1e5, std 1e-2. Backward sums are float over short
-// runs (a channels-first run of at most kChunk values, kSumRows channels-last rows), double
-// across them.
-// Every split depends only on the shape, never on the thread count, so results are bitwise
+// runs (a channels-first run of at most kChunk values or one plane, kSumRows channels-last
+// rows), double across them.
+// Every split that orders a sum depends only on the shape, never on the thread count, and no
+// per-channel result depends on which channels share a task, so results are bitwise
 // reproducible with any number of threads.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
