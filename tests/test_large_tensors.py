@@ -67,9 +67,14 @@ def assert_rows_periodic(t: torch.Tensor, channels_last: bool, expected: torch.T
         assert ((got - expected).abs() <= tol).all(), f"{what}: {got}, expected {expected}"
 
 
-# NCHW with one channel: 2^31 + 2^16 values in that channel. channels_last with four channels:
-# 2^31 + 2^17 elements, offsets row * 4 + c past 2^31.
-SHAPES = {"nchw-one-channel": ((2, 1, 32768, 32769), False), "nhwc": ((1, 4, 16385, 32768), True)}
+# NCHW with one channel: 2^31 + 2^16 values in that channel, in two planes (read a channel at a
+# time), or 2^31 + 544 in 7x7 planes (read image by image, in memory order). channels_last with
+# four channels: 2^31 + 2^17 elements, offsets row * 4 + c past 2^31.
+SHAPES = {
+    "nchw-one-channel": ((2, 1, 32768, 32769), False),
+    "nchw-short-planes": ((43826208, 1, 7, 7), False),
+    "nhwc": ((1, 4, 16385, 32768), True),
+}
 
 
 @pytest.mark.large
