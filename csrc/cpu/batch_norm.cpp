@@ -660,33 +660,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_train(const a
     acc_t* mean_p = mean.mutable_data_ptr<acc_t>();
     acc_t* invstd_p = invstd.mutable_data_ptr<acc_t>();
     acc_t* var_p = var.mutable_data_ptr<acc_t>();
-    // Short planes: per-channel coefficients, filled by each task for its channels.
-    const bool memory_order = v.L < kMemoryOrderPlane;
-    std::vector<acc_t> centers(memory_order ? v.C : 0), scales(centers.size()), shifts(centers.size());
+    // y = (x - centers) * scales + shifts per channel, filled by each task for its channels.
+    // Float16/bfloat16 fold each channel that allows it (see kFoldMeanStd): center 0 and the
+    // folded offset as shift, which rounds exactly as x * scale + offset.
+    std::vector<acc_t> centers(v.C), scales(v.C), shifts(v.C);
     at::parallel_for(0, v.C, channel_grain(v), [&](int64_t c0, int64_t c1) {
-      // Sets channel c's mean, var and invstd from its state; returns its scale.
-      const auto set_stats = [&](int64_t c, const Welford& s) __attribute__((always_inline)) {
+      // Sets channel c's mean, var, invstd and coefficients from its state; returns whether it
+      // folds.
+      const auto set_channel = [&](int64_t c, const Welford& s) __attribute__((always_inline)) {
         const double channel_var = welford_variance(s);
         mean_p[c] = static_cast<acc_t>(s.mean);
         var_p[c] = static_cast<acc_t>(channel_var);
         invstd_p[c] = static_cast<acc_t>(1.0 / std::sqrt(channel_var + eps));
-        return invstd_p[c] * w_p[c];
+        scales[c] = invstd_p[c] * w_p[c];
+        const bool fold = !std::is_same_v<scalar_t, acc_t> && foldable(mean_p[c], invstd_p[c]);
+        centers[c] = fold ? acc_t(0) : mean_p[c];
+        shifts[c] = fold ? folded_offset(mean_p[c], scales[c], b_p[c]) : b_p[c];
+        return fold;
       };
-      if (memory_order) {
+      if (v.L < kMemoryOrderPlane) {
         // Statistics in memory order, then the normalization image by image from the last, whose
-        // planes the statistics read last. Float16/bfloat16 fold each channel that allows it (see
-        // kFoldMeanStd) as (x - 0) * scale + offset, which rounds exactly as x * scale + offset:
-        // the result does not depend on which channels share a task (that is, on the thread
-        // count); where all of a task's channels fold, the loop drops the subtraction.
+        // planes the statistics read last. Each channel folds on its own, so the result does not
+        // depend on which channels share a task (that is, on the thread count); where all of a
+        // task's channels fold, the loop drops the subtraction.
         const std::vector<Welford> states = plane_stats(x, v, c0, c1);
         bool all_fold = true;
-        for (int64_t c = c0; c < c1; ++c) {
-          scales[c] = set_stats(c, states[c - c0]);
-          const bool fold = !std::is_same_v<scalar_t, acc_t> && foldable(mean_p[c], invstd_p[c]);
-          centers[c] = fold ? acc_t(0) : mean_p[c];
-          shifts[c] = fold ? folded_offset(mean_p[c], scales[c], b_p[c]) : b_p[c];
-          all_fold = all_fold && fold;
-        }
+        for (int64_t c = c0; c < c1; ++c) all_fold = set_channel(c, states[c - c0]) && all_fold;
         for (int64_t n = v.N - 1; n >= 0; --n) {
           affine_planes(x, out, v, n * v.C + c0, n * v.C + c1, centers.data(), scales.data(), shifts.data(),
                         all_fold ? shifts.data() : nullptr);
@@ -694,16 +693,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_train(const a
         return;
       }
       for (int64_t c = c0; c < c1; ++c) {
-        const acc_t scale = set_stats(c, channel_stats_ncl(x, v, c));
+        const bool fold = set_channel(c, channel_stats_ncl(x, v, c));
         const int64_t last = ((v.N - 1) * v.C + c) * v.L;  // planes from last to first
-        // Folded for float16/bfloat16 where the channel allows it (see kFoldMeanStd).
-        if (!std::is_same_v<scalar_t, acc_t> && foldable(mean_p[c], invstd_p[c])) {
-          const auto folded =
-              scale_offset_op(Scalar<acc_t>{scale}, Scalar<acc_t>{folded_offset(mean_p[c], scale, b_p[c])});
-          map_segments<false>(x + last, x, out + last, -v.C * v.L, v.N, v.L, folded);
+        const Scalar<acc_t> scale{scales[c]}, shift{shifts[c]};
+        if (fold) {
+          map_segments<false>(x + last, x, out + last, -v.C * v.L, v.N, v.L, scale_offset_op(scale, shift));
         } else {
-          const auto affine = affine_op(Scalar<acc_t>{mean_p[c]}, Scalar<acc_t>{scale}, Scalar<acc_t>{b_p[c]});
-          map_segments<false>(x + last, x, out + last, -v.C * v.L, v.N, v.L, affine);
+          map_segments<false>(x + last, x, out + last, -v.C * v.L, v.N, v.L,
+                              affine_op(Scalar<acc_t>{centers[c]}, scale, shift));
         }
       }
     });
@@ -942,22 +939,23 @@ void fused_backward_ncl(const ChannelView& v, const at::Tensor& dy, const at::Te
     const acc_t* mean_p = mean.const_data_ptr<acc_t>();
     const acc_t* invstd_p = invstd.const_data_ptr<acc_t>();
     const acc_t* w_p = weight.const_data_ptr<acc_t>();
-    // Short planes: per-channel coefficients of dx, filled by each task for its channels.
-    const bool memory_order = v.L < kMemoryOrderBackwardPlane;
-    std::vector<acc_t> coefs(memory_order ? 3 * v.C : 0);
+    // The per-channel coefficients of dx (grad_input_op), filled by each task for its channels
+    // from their sums.
+    std::vector<acc_t> coefs(3 * v.C);
+    acc_t* const a = coefs.data();
+    acc_t* const k = a + v.C;
+    acc_t* const s = k + v.C;
+    const auto set_coefs = [&](int64_t c) __attribute__((always_inline)) {
+      a[c] = static_cast<acc_t>(sdy[c] * inv_count);
+      k[c] = invstd_p[c] * invstd_p[c] * static_cast<acc_t>(sdx[c] * inv_count);
+      s[c] = invstd_p[c] * w_p[c];
+    };
     at::parallel_for(0, v.C, channel_grain(v), [&](int64_t c0, int64_t c1) {
-      if (memory_order) {
+      if (v.L < kMemoryOrderBackwardPlane) {
         // Sums in memory order, then dx image by image from the last, whose planes the sums read
         // last.
         channels_grad_sums_ncl(x, g, v, c0, c1, mean_p, true, sdy, sdx);
-        acc_t* const a = coefs.data();
-        acc_t* const k = a + v.C;
-        acc_t* const s = k + v.C;
-        for (int64_t c = c0; c < c1; ++c) {
-          a[c] = static_cast<acc_t>(sdy[c] * inv_count);
-          k[c] = invstd_p[c] * invstd_p[c] * static_cast<acc_t>(sdx[c] * inv_count);
-          s[c] = invstd_p[c] * w_p[c];
-        }
+        for (int64_t c = c0; c < c1; ++c) set_coefs(c);
         for (int64_t n = v.N - 1; n >= 0; --n) {
           grad_input_planes<true>(x, g, dx, v, n * v.C + c0, n * v.C + c1, mean_p, a, k, s);
         }
@@ -965,10 +963,9 @@ void fused_backward_ncl(const ChannelView& v, const at::Tensor& dy, const at::Te
       }
       for (int64_t c = c0; c < c1; ++c) {
         std::tie(sdy[c], sdx[c]) = channel_grad_sums_ncl(x, g, v, c, mean_p[c]);
-        const Scalar<acc_t> a{static_cast<acc_t>(sdy[c] * inv_count)};
-        const Scalar<acc_t> k{invstd_p[c] * invstd_p[c] * static_cast<acc_t>(sdx[c] * inv_count)};
-        const Scalar<acc_t> scale{invstd_p[c] * w_p[c]};
-        const auto op = grad_input_op<true>(Scalar<acc_t>{mean_p[c]}, a, k, scale);
+        set_coefs(c);
+        const auto op = grad_input_op<true>(Scalar<acc_t>{mean_p[c]}, Scalar<acc_t>{a[c]}, Scalar<acc_t>{k[c]},
+                                            Scalar<acc_t>{s[c]});
         const int64_t last = ((v.N - 1) * v.C + c) * v.L;  // planes from last to first
         map_segments<true>(x + last, g + last, dx + last, -v.C * v.L, v.N, v.L, op);
       }
