@@ -31,6 +31,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdlib>
 #include <memory>
 #include <tuple>
 #include <vector>
@@ -82,6 +83,30 @@ constexpr int64_t kBalancedBlocks = 16;
 constexpr int64_t kMergeGrain = 256;
 // Values per task of a purely elementwise pass.
 constexpr int64_t kElementwiseGrain = 32768;
+// Outputs (y, dx) of at least this many bytes are written with non-temporal stores: a plain store
+// first reads its line into the cache, a third of an elementwise pass's memory traffic, and an
+// output this large would leave the cache before its consumer reads it anyway. Streaming also
+// keeps x in the cache for the training forward's second read. BN_CUDA_CPU_STREAM_MB (MiB)
+// overrides it, 0 streaming every output (as the tests do, to cover the path on small tensors).
+constexpr int64_t kStreamMinBytes = int64_t(16) << 20;
+
+int64_t stream_min_bytes() {
+  static const int64_t bytes = [] {
+    const char* env = std::getenv("BN_CUDA_CPU_STREAM_MB");
+    return env != nullptr ? std::max<int64_t>(0, std::atoll(env)) << 20 : kStreamMinBytes;
+  }();
+  return bytes;
+}
+
+// Whether the output of an elementwise pass over v (as large as x) is written with non-temporal
+// stores: large enough, and its runs (channels-last rows, channels-first planes) whole 64-byte
+// lines, so that streamed and plain stores never share a line (a partly written line leaves the
+// write-combining buffer as a slower partial write).
+bool streams_output(const ChannelView& v) {
+  const int64_t element = static_cast<int64_t>(v.x.element_size());
+  const int64_t run = (v.channels_last ? v.C : v.L) * element;
+  return run % 64 == 0 && v.x.numel() * element >= stream_min_bytes();
+}
 
 int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
@@ -512,10 +537,11 @@ void affine_nlc(const scalar_t* x, scalar_t* y, const ChannelView& v, const acc_
   constexpr int64_t kTwoArrayMinBytes = 16384;
   const int64_t C = v.C;
   const RowSplit split(v);
+  const bool stream = streams_output(v);
   const auto run = [&](const auto& op) {
     for_each_group(split, backward, [&](int64_t g) {
       const int64_t o = split.begin(g) * C;
-      map_segments<false>(x + o, x, y + o, C, split.end(g) - split.begin(g), C, op);
+      map_segments<false>(x + o, x, y + o, C, split.end(g) - split.begin(g), C, op, stream);
     });
   };
   const bool fold = !std::is_same_v<scalar_t, acc_t> || 3 * C * static_cast<int64_t>(sizeof(acc_t)) > kTwoArrayMinBytes;
@@ -533,14 +559,21 @@ void affine_nlc(const scalar_t* x, scalar_t* y, const ChannelView& v, const acc_
 template <typename scalar_t, typename acc_t>
 void affine_planes(const scalar_t* x, scalar_t* y, const ChannelView& v, int64_t s0, int64_t s1, const acc_t* mean,
                    const acc_t* scale, const acc_t* shift, const acc_t* offset) {
+  const bool stream = streams_output(v);
   if (offset != nullptr) {
-    map_planes<false>(x, x, y, v.L, v.C, s0, s1, [scale, offset](int64_t c) __attribute__((always_inline)) {
-      return scale_offset_op(Scalar<acc_t>{scale[c]}, Scalar<acc_t>{offset[c]});
-    });
+    map_planes<false>(
+        x, x, y, v.L, v.C, s0, s1,
+        [scale, offset](int64_t c) __attribute__((always_inline)) {
+          return scale_offset_op(Scalar<acc_t>{scale[c]}, Scalar<acc_t>{offset[c]});
+        },
+        stream);
   } else {
-    map_planes<false>(x, x, y, v.L, v.C, s0, s1, [mean, scale, shift](int64_t c) __attribute__((always_inline)) {
-      return affine_op(Scalar<acc_t>{mean[c]}, Scalar<acc_t>{scale[c]}, Scalar<acc_t>{shift[c]});
-    });
+    map_planes<false>(
+        x, x, y, v.L, v.C, s0, s1,
+        [mean, scale, shift](int64_t c) __attribute__((always_inline)) {
+          return affine_op(Scalar<acc_t>{mean[c]}, Scalar<acc_t>{scale[c]}, Scalar<acc_t>{shift[c]});
+        },
+        stream);
   }
 }
 
@@ -664,6 +697,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_train(const a
     // Float16/bfloat16 fold each channel that allows it (see kFoldMeanStd): center 0 and the
     // folded offset as shift, which rounds exactly as x * scale + offset.
     std::vector<acc_t> centers(v.C), scales(v.C), shifts(v.C);
+    const bool stream = streams_output(v);
     at::parallel_for(0, v.C, channel_grain(v), [&](int64_t c0, int64_t c1) {
       // Sets channel c's mean, var, invstd and coefficients from its state; returns whether it
       // folds.
@@ -697,10 +731,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_train(const a
         const int64_t last = ((v.N - 1) * v.C + c) * v.L;  // planes from last to first
         const Scalar<acc_t> scale{scales[c]}, shift{shifts[c]};
         if (fold) {
-          map_segments<false>(x + last, x, out + last, -v.C * v.L, v.N, v.L, scale_offset_op(scale, shift));
+          map_segments<false>(x + last, x, out + last, -v.C * v.L, v.N, v.L, scale_offset_op(scale, shift), stream);
         } else {
           map_segments<false>(x + last, x, out + last, -v.C * v.L, v.N, v.L,
-                              affine_op(Scalar<acc_t>{centers[c]}, scale, shift));
+                              affine_op(Scalar<acc_t>{centers[c]}, scale, shift), stream);
         }
       }
     });
@@ -849,13 +883,17 @@ void grad_input_planes(const scalar_t* x, const scalar_t* g, scalar_t* out, cons
     return grad_input_op<kUsesX>(Scalar<acc_t>{mean[c]}, Scalar<acc_t>{a[c]}, Scalar<acc_t>{k[c]},
                                  Scalar<acc_t>{s[c]});
   };
+  const bool stream = streams_output(v);
   if constexpr (kUsesX) {
-    map_planes<true>(x, g, out, v.L, v.C, s0, s1, make_op);
+    map_planes<true>(x, g, out, v.L, v.C, s0, s1, make_op, stream);
   } else {
     // Eval statistics read only dy: it goes in the first slot.
-    map_planes<false>(g, g, out, v.L, v.C, s0, s1, [make_op](int64_t c) __attribute__((always_inline)) {
-      return [op = make_op(c)](int64_t i, auto gi, auto) { return op(i, gi, gi); };
-    });
+    map_planes<false>(
+        g, g, out, v.L, v.C, s0, s1,
+        [make_op](int64_t c) __attribute__((always_inline)) {
+          return [op = make_op(c)](int64_t i, auto gi, auto) { return op(i, gi, gi); };
+        },
+        stream);
   }
 }
 
@@ -870,6 +908,7 @@ void grad_input(const ChannelView& v, const at::Tensor& dy, const at::Tensor& dx
   const int64_t C = v.C;
   if (v.channels_last) {
     const RowSplit split(v);
+    const bool stream = streams_output(v);
     const auto op = grad_input_op<kUsesX>(PerLane<acc_t>{mean}, PerLane<acc_t>{a}, PerLane<acc_t>{k},
                                           PerLane<acc_t>{s});
     for_each_group(split, backward, [&](int64_t grp) {
@@ -877,9 +916,10 @@ void grad_input(const ChannelView& v, const at::Tensor& dy, const at::Tensor& dx
       const int64_t rows = split.end(grp) - split.begin(grp);
       // Eval statistics read only dy: it goes in the first slot.
       if constexpr (kUsesX) {
-        map_segments<true>(x + o, g + o, out + o, C, rows, C, op);
+        map_segments<true>(x + o, g + o, out + o, C, rows, C, op, stream);
       } else {
-        map_segments<false>(g + o, g, out + o, C, rows, C, [&](int64_t i, auto gi, auto) { return op(i, gi, gi); });
+        map_segments<false>(
+            g + o, g, out + o, C, rows, C, [&](int64_t i, auto gi, auto) { return op(i, gi, gi); }, stream);
       }
     });
   } else {
@@ -950,6 +990,7 @@ void fused_backward_ncl(const ChannelView& v, const at::Tensor& dy, const at::Te
       k[c] = invstd_p[c] * invstd_p[c] * static_cast<acc_t>(sdx[c] * inv_count);
       s[c] = invstd_p[c] * w_p[c];
     };
+    const bool stream = streams_output(v);
     at::parallel_for(0, v.C, channel_grain(v), [&](int64_t c0, int64_t c1) {
       if (v.L < kMemoryOrderBackwardPlane) {
         // Sums in memory order, then dx image by image from the last, whose planes the sums read
@@ -967,7 +1008,7 @@ void fused_backward_ncl(const ChannelView& v, const at::Tensor& dy, const at::Te
         const auto op = grad_input_op<true>(Scalar<acc_t>{mean_p[c]}, Scalar<acc_t>{a[c]}, Scalar<acc_t>{k[c]},
                                             Scalar<acc_t>{s[c]});
         const int64_t last = ((v.N - 1) * v.C + c) * v.L;  // planes from last to first
-        map_segments<true>(x + last, g + last, dx + last, -v.C * v.L, v.N, v.L, op);
+        map_segments<true>(x + last, g + last, dx + last, -v.C * v.L, v.N, v.L, op, stream);
       }
     });
   });

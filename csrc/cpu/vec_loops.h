@@ -28,7 +28,8 @@
 // The v3 version gets 256-bit vectors (~2x the baseline's throughput on cache-resident tensors)
 // and converts half <-> float with F16C's single instructions (~4x less work per value than the
 // integer sequence the baseline needs). Results may differ between the two in the last bit
-// where v3 fuses a multiply and an add into one FMA.
+// where v3 fuses a multiply and an add into one FMA. Only the v3 version writes large outputs
+// with non-temporal stores (map_segments, map_planes); the baseline keeps plain stores.
 // 32-byte vector arguments and results have a different ABI with and without AVX, so a function
 // that takes or returns one must never be called across ISAs: the operations (lambdas) and the
 // coefficient accessors (Scalar/PerLane::at) are forced inline into the loops that use them
@@ -154,7 +155,21 @@ struct VecIO {
     }
   }
 
-  // Stores kStep values starting at p, rounded to scalar_t.
+  // Writes the bytes of v (16 or 32) at p: a plain store, or with kStream (x86-64-v3 only) a
+  // non-temporal one, which needs p aligned to sizeof(V).
+  template <bool kStream, typename V>
+  static void put(void* p, V v) {
+    if constexpr (kStream) {
+      static_assert(kIsa == Isa::kV3, "streaming stores: x86-64-v3 only");
+      asm volatile("vmovntdq %1, %0" : "=m"(*static_cast<V*>(p)) : "x"(v));
+    } else {
+      std::memcpy(p, &v, sizeof(V));
+    }
+  }
+
+  // Stores kStep values starting at p, rounded to scalar_t. kStream: by non-temporal stores,
+  // p aligned to 32 bytes.
+  template <bool kStream = false>
   static void store(scalar_t* p, Vec lo, Vec hi) {
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && kIsa == Isa::kV3) {
       // Both halves rounded in 32-bit lanes, then packed to 16 bits by one pack and one permute
@@ -164,13 +179,13 @@ struct VecIO {
       const U32 b = bf16_round(hi);
       U16x16 out;
       asm("vpackusdw %2, %1, %0\n\tvpermq $0xd8, %0, %0" : "=x"(out) : "x"(a), "x"(b));
-      std::memcpy(p, &out, sizeof(out));
+      put<kStream>(p, out);
     } else if constexpr (kReduced) {
-      narrow(p, lo);
-      narrow(p + kWidth, hi);
+      put<kStream>(p, narrow_bits(lo));
+      put<kStream>(p + kWidth, narrow_bits(hi));
     } else {
-      storeu(p, lo);
-      storeu(p + kWidth, hi);
+      put<kStream>(p, lo);
+      put<kStream>(p + kWidth, hi);
     }
   }
 
@@ -251,16 +266,16 @@ struct VecIO {
     }
   }
 
-  static void narrow(scalar_t* p, Vec v) {
+  // The kWidth values of v rounded to scalar_t, as bits.
+  static U16 narrow_bits(Vec v) {
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      const U16 out = __builtin_convertvector(bf16_round(v), U16);
-      std::memcpy(p, &out, sizeof(U16));
+      return __builtin_convertvector(bf16_round(v), U16);
     } else if constexpr (kIsa == Isa::kV3) {
       // Immediate 0: round to nearest even (a NaN keeps a payload where the code below gives
       // 0x7E00; both are NaN).
       U16 out;
       asm("vcvtps2ph $0, %1, %0" : "=x"(out) : "x"(v));
-      std::memcpy(p, &out, sizeof(U16));
+      return out;
     } else {
       static_assert(std::is_same_v<scalar_t, c10::Half>, "reduced types: half and bfloat16");
       // c10's fp16_ieee_from_fp32_value on 8 lanes: the float adds round to nearest even at
@@ -276,8 +291,7 @@ struct VecIO {
       const U32 nonsign = ((rounded >> 13) & 0x00007C00u) + (rounded & 0x00000FFFu);
       const U32 is_nan = reinterpret_cast<U32>(shl1_w > 0xFF000000u);
       const U32 out32 = (sign >> 16) | (is_nan & 0x7E00u) | (~is_nan & nonsign);
-      const U16 out = __builtin_convertvector(out32, U16);
-      std::memcpy(p, &out, sizeof(U16));
+      return __builtin_convertvector(out32, U16);
     }
   }
 };
@@ -319,38 +333,82 @@ struct PerLane {
 // Each loop below is a body template, compiled for each ISA by its wrapper through
 // run_selected.
 
-// out[i] = op(i, a[i], b[i]) for i in [0, n) of each of `segs` runs, run s starting at
-// s * stride (stride may be negative: the runs are walked in the order given); b is read only
-// when kHasB. One call covers many short runs (a channel's planes of 7x7 values), so the call
-// and loop setup are paid once.
-template <Isa kIsa, bool kHasB, typename scalar_t, typename Op>
-BN_CUDA_CPU_INLINE void map_segments_body(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t stride,
-                                          int64_t segs, int64_t n, const Op& op) {
+// out[i] = op(i, a[i], b[i]) for i in [0, n); the whole steps by non-temporal stores where
+// kStream (out then 32-byte aligned), the scalar tail by plain ones.
+template <Isa kIsa, bool kHasB, bool kStream, typename scalar_t, typename Op>
+BN_CUDA_CPU_INLINE void map_run(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t n, const Op& op) {
   using IO = VecIO<scalar_t, kIsa>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
+  int64_t i = 0;
+  for (; i + IO::kStep <= n; i += IO::kStep) {
+    Vec a0, a1, b0{}, b1{};
+    IO::load(a + i, a0, a1);
+    if constexpr (kHasB) IO::load(b + i, b0, b1);
+    IO::template store<kStream>(out + i, op(i, a0, b0), op(i + IO::kWidth, a1, b1));
+  }
+  for (; i < n; ++i) {
+    const acc_t bi = kHasB ? IO::to_acc(b[i]) : acc_t(0);
+    out[i] = IO::from_acc(op(i, IO::to_acc(a[i]), bi));
+  }
+}
+
+// out[i] = op(i, a[i], b[i]) for i in [0, n) of each of `segs` runs, run s starting at
+// s * stride (stride may be negative: the runs are walked in the order given); b is read only
+// when kHasB. One call covers many short runs (a channel's planes of 7x7 values), so the call
+// and loop setup are paid once. kStream (x86-64-v3): each run that starts on a 64-byte line of
+// out is written by non-temporal stores (except a scalar tail), the others by plain ones;
+// callers stream only outputs whose runs are whole lines, so that no line mixes the two, and
+// fence them (with_stream).
+template <Isa kIsa, bool kHasB, bool kStream, typename scalar_t, typename Op>
+BN_CUDA_CPU_INLINE void map_segments_body(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t stride,
+                                          int64_t segs, int64_t n, const Op& op) {
+  static_assert(VecIO<scalar_t, kIsa>::kStep * sizeof(scalar_t) % 32 == 0, "steps keep 32-byte alignment");
   for (int64_t s = 0; s < segs; ++s) {
     const int64_t o = s * stride;
-    int64_t i = 0;
-    for (; i + IO::kStep <= n; i += IO::kStep) {
-      Vec a0, a1, b0{}, b1{};
-      IO::load(a + o + i, a0, a1);
-      if constexpr (kHasB) IO::load(b + o + i, b0, b1);
-      IO::store(out + o + i, op(i, a0, b0), op(i + IO::kWidth, a1, b1));
-    }
-    for (; i < n; ++i) {
-      const acc_t bi = kHasB ? IO::to_acc(b[o + i]) : acc_t(0);
-      out[o + i] = IO::from_acc(op(i, IO::to_acc(a[o + i]), bi));
+    if (kStream && reinterpret_cast<uintptr_t>(out + o) % 64 == 0) {
+      map_run<kIsa, kHasB, kStream>(a + o, b + o, out + o, n, op);
+    } else {
+      map_run<kIsa, kHasB, false>(a + o, b + o, out + o, n, op);
     }
   }
 }
 
+// Orders the non-temporal stores of a streaming map (map_segments, map_planes) before the stores
+// that follow (the end of a parallel task), so that whoever reads the output next sees them.
+BN_CUDA_CPU_INLINE void stream_fence() {
+#if BN_CUDA_CPU_DISPATCH
+  asm volatile("sfence" ::: "memory");
+#endif
+}
+
+// body(std::true_type{}) and a fence where `stream` and kIsa is x86-64-v3 (the version with
+// non-temporal stores), else body(std::false_type{}): a streaming loop is only instantiated where
+// it can run.
+template <Isa kIsa, typename Body>
+BN_CUDA_CPU_INLINE void with_stream(bool stream, const Body& body) {
+  if constexpr (kIsa == Isa::kV3) {
+    if (stream) {
+      body(std::true_type{});
+      stream_fence();
+      return;
+    }
+  }
+  body(std::false_type{});
+}
+
+// `stream`: write out with non-temporal stores where the CPU runs the x86-64-v3 loops (for an
+// output larger than the caches, see streams_output in batch_norm.cpp: plain stores first read
+// every line of out into the cache, a third of the pass's memory traffic).
 template <bool kHasB, typename scalar_t, typename Op>
 void map_segments(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t stride, int64_t segs, int64_t n,
-                  const Op& op) {
+                  const Op& op, bool stream = false) {
   run_selected([&](auto isa) __attribute__((always_inline)) {
+    constexpr Isa kIsa = decltype(isa)::value;
     const Op op_ = op;  // a local copy stays in registers across the stores (see map_planes)
-    map_segments_body<decltype(isa)::value, kHasB>(a, b, out, stride, segs, n, op_);
+    with_stream<kIsa>(stream, [&](auto streamed) __attribute__((always_inline)) {
+      map_segments_body<kIsa, kHasB, decltype(streamed)::value>(a, b, out, stride, segs, n, op_);
+    });
   });
 }
 
@@ -361,8 +419,9 @@ void map_segments(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t s
 // arithmetic).
 template <bool kHasB, typename scalar_t, typename MakeOp>
 void map_planes(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t L, int64_t C, int64_t s0, int64_t s1,
-                const MakeOp& make_op) {
+                const MakeOp& make_op, bool stream = false) {
   run_selected([&](auto isa) __attribute__((always_inline)) {
+    constexpr Isa kIsa = decltype(isa)::value;
     // Local copies of the arguments and of make_op (which should capture by value): the loop's
     // stores go through memcpy and so may alias any memory as far as the compiler knows, which
     // made it reload every captured reference, and make_op's captures, once per plane.
@@ -371,12 +430,14 @@ void map_planes(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t L, 
     scalar_t* const out_ = out;
     const int64_t L_ = L, C_ = C, end = s1;
     const MakeOp make = make_op;
-    int64_t c = s0 % C_;
-    for (int64_t s = s0; s < end; ++s) {
-      map_segments_body<decltype(isa)::value, kHasB>(a_ + s * L_, kHasB ? b_ + s * L_ : b_, out_ + s * L_, 0, 1, L_,
-                                                     make(c));
-      if (++c == C_) c = 0;
-    }
+    with_stream<kIsa>(stream, [&](auto streamed) __attribute__((always_inline)) {
+      int64_t c = s0 % C_;
+      for (int64_t s = s0; s < end; ++s) {
+        map_segments_body<kIsa, kHasB, decltype(streamed)::value>(a_ + s * L_, kHasB ? b_ + s * L_ : b_,
+                                                                  out_ + s * L_, 0, 1, L_, make(c));
+        if (++c == C_) c = 0;
+      }
+    });
   });
 }
 

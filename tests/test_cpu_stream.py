@@ -1,0 +1,91 @@
+"""Large CPU outputs are written with non-temporal stores (csrc/cpu/batch_norm.cpp,
+streams_output): y of the forwards, dx of the backwards, where every channels-last row or
+channels-first plane is whole 64-byte lines. BN_CUDA_CPU_STREAM_MB=0 streams every such output, so
+a fresh process with it runs the streaming loops on small tensors; they must give the same bits
+as the plain stores of this process (the default threshold, 16 MiB, is far above these tensors)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import bn_cuda  # noqa: F401  (registers torch.ops.bn_cuda)
+
+ROOT = Path(__file__).parent.parent
+
+# (shape, channels_last): runs of whole lines in both layouts (planes and rows of 64 floats),
+# channels-first planes long enough for the channel-at-a-time passes (64x64), short planes that
+# are not whole lines (7x7, 3 channels: plain stores on every path), and 16-bit runs of one line.
+CASES = [
+    ((4, 64, 8, 8), False),
+    ((4, 64, 8, 8), True),
+    ((2, 4, 64, 64), False),
+    ((2, 32, 64, 64), True),
+    ((3, 5, 7, 7), False),
+    ((3, 3, 7, 7), True),
+    ((2, 32, 4, 8), False),
+]
+DTYPES = ["float32", "float64", "float16", "bfloat16"]
+
+# Runs every elementwise output path once per case and dtype and saves the outputs.
+SCRIPT = """
+import sys, torch, bn_cuda
+from tests.test_cpu_stream import outputs
+torch.save(outputs(), sys.argv[1])
+"""
+
+
+def outputs() -> dict[str, torch.Tensor]:
+    """Every op output that an elementwise pass writes, for all cases, from fixed inputs."""
+    ops = torch.ops.bn_cuda
+    result = {}
+    for dtype_name in DTYPES:
+        dtype = getattr(torch, dtype_name)
+        for shape, channels_last in CASES:
+            gen = torch.Generator().manual_seed(0)
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            c = shape[1]
+            x = (torch.randn(shape, generator=gen) * 3 + 1).to(dtype).contiguous(memory_format=fmt)
+            dy = torch.randn(shape, generator=gen).to(dtype).contiguous(memory_format=fmt)
+            param = torch.float64 if dtype == torch.float64 else torch.float32
+            w = (torch.rand(c, generator=gen) + 0.5).to(param)
+            b = torch.randn(c, generator=gen).to(param)
+            rm = torch.randn(c, generator=gen).to(param)
+            rv = (torch.rand(c, generator=gen) + 0.5).to(param)
+            key = f"{dtype_name}-{'x'.join(map(str, shape))}-{'nhwc' if channels_last else 'nchw'}"
+            y, mean, invstd, _ = ops.forward_train(x, w, b, 1e-5)
+            result[f"{key}-forward_train"] = y
+            result[f"{key}-forward_eval"] = ops.forward_eval(x, rm, rv, w, b, 1e-5)
+            result[f"{key}-normalize"] = ops.normalize(x, mean, invstd, w, b)
+            result[f"{key}-backward_train"] = ops.backward(dy, x, mean, invstd, w, True, [True, True, True])[0]
+            result[f"{key}-backward_eval"] = ops.backward(dy, x, rm, invstd, w, False, [True, True, True])[0]
+            sum_dy, sum_dy_xmu = ops.backward_reduce(dy, x, mean)
+            n = x.numel() // c
+            result[f"{key}-backward_elemt"] = ops.backward_elemt(dy, x, mean, invstd, w, sum_dy / n, sum_dy_xmu / n)
+    return result
+
+
+def test_streamed_outputs_match_plain_stores(tmp_path):
+    out = tmp_path / "streamed.pt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "BN_CUDA_CPU_STREAM_MB": "0"}
+    run = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(out)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    streamed = torch.load(out)
+    plain = outputs()
+    assert streamed.keys() == plain.keys()
+    for key, expected in plain.items():
+        got = streamed[key]
+        assert got.dtype == expected.dtype and got.shape == expected.shape, key
+        assert got.stride() == expected.stride(), key
+        # Same bits (NaN-free inputs): the store kind must not change a value.
+        assert torch.equal(got, expected), key
