@@ -165,6 +165,7 @@ def _notes(results: Results) -> list[str]:
         notes.append("failed (X): the implementation raised X on that row; the message is in results.json.")
     if not meta["device"].startswith("cuda"):
         cache_mb = os.environ.get("BN_CUDA_CPU_CACHE_MB", "")
+        stream_mb = os.environ.get("BN_CUDA_CPU_STREAM_MB", "")
         notes.append(
             "CPU: every call allocates its outputs, as eager code does; the first touch of each page of "
             "fresh memory costs a page fault. bn_cuda's outputs of 8 MiB and more come from its cache of "
@@ -175,6 +176,10 @@ def _notes(results: Results) -> list[str]:
             "CPU tensors come fresh from the system on every call, with huge pages only under "
             "THP_MEM_ALLOC_ENABLE=1"
             + (" (set in this run)." if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1" else " (not set in this run).")
+            + " bn_cuda writes outputs of BN_CUDA_CPU_STREAM_MB="
+            + (stream_mb if stream_mb else "32 (the default)")
+            + " MiB and more with non-temporal stores, which skip reading each output line into the cache "
+            "first (an output that large has left the cache before a next layer would read it)."
         )
     if not meta["device"].startswith("cuda"):
         notes.extend(_load_note(meta))
