@@ -558,11 +558,10 @@ void affine_nlc(const scalar_t* x, scalar_t* y, const ChannelView& v, const acc_
 
 // Channels-first y = (x - mean) * scale + shift over the (n, c) planes s in [s0, s1), or
 // y = x * scale + offset where offset is not null (folded, see kFoldMeanStd); coefficients
-// indexed by channel.
+// indexed by channel. `stream`: streams_output(v), decided once by the caller.
 template <typename scalar_t, typename acc_t>
 void affine_planes(const scalar_t* x, scalar_t* y, const ChannelView& v, int64_t s0, int64_t s1, const acc_t* mean,
-                   const acc_t* scale, const acc_t* shift, const acc_t* offset) {
-  const bool stream = streams_output(v);
+                   const acc_t* scale, const acc_t* shift, const acc_t* offset, bool stream) {
   if (offset != nullptr) {
     map_planes<false>(
         x, x, y, v.L, v.C, s0, s1,
@@ -590,8 +589,9 @@ void affine_ncl(const scalar_t* x, scalar_t* y, const ChannelView& v, const acc_
                                         ? std::vector<acc_t>{}
                                         : folded_offsets(mean, invstd, scale, shift, v.C);
   const acc_t* offset_p = offset.empty() ? nullptr : offset.data();
+  const bool stream = streams_output(v);
   at::parallel_for(0, v.N * v.C, grain, [&](int64_t s0, int64_t s1) {
-    affine_planes(x, y, v, s0, s1, mean, scale, shift, offset_p);
+    affine_planes(x, y, v, s0, s1, mean, scale, shift, offset_p, stream);
   });
 }
 
@@ -725,7 +725,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_train(const a
         for (int64_t c = c0; c < c1; ++c) all_fold = set_channel(c, states[c - c0]) && all_fold;
         for (int64_t n = v.N - 1; n >= 0; --n) {
           affine_planes(x, out, v, n * v.C + c0, n * v.C + c1, centers.data(), scales.data(), shifts.data(),
-                        all_fold ? shifts.data() : nullptr);
+                        all_fold ? shifts.data() : nullptr, stream);
         }
         return;
       }
@@ -877,16 +877,15 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_output
 }
 
 // Channels-first dx (see grad_input_op) over the (n, c) planes s in [s0, s1); coefficients
-// indexed by channel.
+// indexed by channel. `stream`: streams_output(v), decided once by the caller.
 template <bool kUsesX, typename scalar_t, typename acc_t>
 void grad_input_planes(const scalar_t* x, const scalar_t* g, scalar_t* out, const ChannelView& v, int64_t s0,
-                       int64_t s1, const acc_t* mean, const acc_t* a, const acc_t* k, const acc_t* s) {
+                       int64_t s1, const acc_t* mean, const acc_t* a, const acc_t* k, const acc_t* s, bool stream) {
   // Captures by value, as map_planes wants (it keeps a copy in registers).
   const auto make_op = [mean, a, k, s](int64_t c) __attribute__((always_inline)) {
     return grad_input_op<kUsesX>(Scalar<acc_t>{mean[c]}, Scalar<acc_t>{a[c]}, Scalar<acc_t>{k[c]},
                                  Scalar<acc_t>{s[c]});
   };
-  const bool stream = streams_output(v);
   if constexpr (kUsesX) {
     map_planes<true>(x, g, out, v.L, v.C, s0, s1, make_op, stream);
   } else {
@@ -909,9 +908,9 @@ void grad_input(const ChannelView& v, const at::Tensor& dy, const at::Tensor& dx
   const scalar_t* g = dy.const_data_ptr<scalar_t>();
   scalar_t* out = dx.mutable_data_ptr<scalar_t>();
   const int64_t C = v.C;
+  const bool stream = streams_output(v);
   if (v.channels_last) {
     const RowSplit split(v);
-    const bool stream = streams_output(v);
     const auto op = grad_input_op<kUsesX>(PerLane<acc_t>{mean}, PerLane<acc_t>{a}, PerLane<acc_t>{k},
                                           PerLane<acc_t>{s});
     for_each_group(split, backward, [&](int64_t grp) {
@@ -928,7 +927,7 @@ void grad_input(const ChannelView& v, const at::Tensor& dy, const at::Tensor& dx
   } else {
     const int64_t grain = std::max<int64_t>(1, kElementwiseGrain / v.L);
     at::parallel_for(0, v.N * C, grain, [&](int64_t s0, int64_t s1) {
-      grad_input_planes<kUsesX>(x, g, out, v, s0, s1, mean, a, k, s);
+      grad_input_planes<kUsesX>(x, g, out, v, s0, s1, mean, a, k, s, stream);
     });
   }
 }
@@ -1001,7 +1000,7 @@ void fused_backward_ncl(const ChannelView& v, const at::Tensor& dy, const at::Te
         channels_grad_sums_ncl(x, g, v, c0, c1, mean_p, true, sdy, sdx);
         for (int64_t c = c0; c < c1; ++c) set_coefs(c);
         for (int64_t n = v.N - 1; n >= 0; --n) {
-          grad_input_planes<true>(x, g, dx, v, n * v.C + c0, n * v.C + c1, mean_p, a, k, s);
+          grad_input_planes<true>(x, g, dx, v, n * v.C + c0, n * v.C + c1, mean_p, a, k, s, stream);
         }
         return;
       }

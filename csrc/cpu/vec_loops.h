@@ -463,6 +463,19 @@ BN_CUDA_CPU_INLINE void add_value(const scalar_t* a, const scalar_t* b, int64_t 
   op(i, IO::to_acc(a[o]), bi, t);
 }
 
+// The lanes of v as 4 doubles: a float vector's two halves widened and added, a double vector as
+// it is (the step from a run's opmath sums to double accumulators).
+template <typename Vec>
+BN_CUDA_CPU_INLINE typename RawVec<double>::type lanes_as_double(Vec v) {
+  using Wide = typename RawVec<double>::type;
+  if constexpr (std::is_same_v<Vec, Wide>) {
+    return v;
+  } else {
+    return __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3), Wide) +
+           __builtin_convertvector(__builtin_shufflevector(v, v, 4, 5, 6, 7), Wide);
+  }
+}
+
 // The K sums of op's terms over i in [0, n) of each of `segs` runs (run s at s * stride), in
 // vector accumulators kept across the runs. kDoubleAcrossRuns = false: in opmath throughout.
 // kDoubleAcrossRuns = true: each run is summed in opmath and its lanes are added into double
@@ -499,8 +512,7 @@ BN_CUDA_CPU_INLINE auto sum_segments_body(const scalar_t* a, const scalar_t* b, 
     if constexpr (kFold) {
       for (int k = 0; k < K; ++k) {
         const Vec v = lo[k] + hi[k];
-        wide[k] += __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3), Wide) +
-                   __builtin_convertvector(__builtin_shufflevector(v, v, 4, 5, 6, 7), Wide);
+        wide[k] += lanes_as_double(v);
         wide_tail[k] += tail[k];
         lo[k] = hi[k] = Vec{};
         tail[k] = 0;
@@ -573,12 +585,7 @@ BN_CUDA_CPU_INLINE void sum_planes_body(const scalar_t* a, const scalar_t* b, in
         const Vec v = lo[k] + hi[k];
         Wide w;
         std::memcpy(&w, slot + 4 * k, sizeof(Wide));
-        if constexpr (std::is_same_v<acc_t, double>) {
-          w += v;
-        } else {
-          w += __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3), Wide) +
-               __builtin_convertvector(__builtin_shufflevector(v, v, 4, 5, 6, 7), Wide);
-        }
+        w += lanes_as_double(v);
         std::memcpy(slot + 4 * k, &w, sizeof(Wide));
         slot[4 * K + k] += tail[k];
       }
