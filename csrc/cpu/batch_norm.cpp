@@ -49,8 +49,9 @@ using Welford = WelfordState<double>;
 // Values per statistics chunk: the second pass over a chunk reads L1.
 constexpr int64_t kChunk = 2048;
 // Channels-last row blocks: about kBlockElements values (256 KiB of float), so the second pass
-// over a block reads L2, and between kMinBlockRows (amortises the per-block merge when C is
-// large) and kMaxBlockRows (bounds the length of each float sum when C is small) rows.
+// over a block reads L2, and between kMinBlockRows (amortises the per-block zeroing and folding
+// of the float sums when C is large) and kMaxBlockRows (bounds the length of each float sum when
+// C is small) rows.
 constexpr int64_t kBlockElements = 65536;
 constexpr int64_t kMinBlockRows = 64;
 constexpr int64_t kMaxBlockRows = 256;
@@ -76,8 +77,11 @@ constexpr int64_t kSumRows = 64;
 // At most this many groups of blocks, each with its own per-channel partials.
 constexpr int64_t kMaxGroups = 64;
 // A split into fewer blocks than kMaxGroups uses a multiple of this many blocks where they stay
-// at least kMinBlockRows long, so that 2, 4, 8 or 16 threads get equal shares (13 blocks on 2
-// threads: 7 and 6).
+// at least kMinBlockRows / 2 long, in this many groups, so that 2, 4, 8 or 16 threads get equal
+// shares (13 blocks on 2 threads: 7 and 6; 32x2048x7x7's 25 blocks of 64 rows: 13 and 12, now
+// 32 blocks of 49 rows in 16 groups). Fewer groups also mean fewer per-group partials: each is
+// 16 bytes per channel, written and read back once per call (at 32x2048x7x7, 25 groups wrote
+// 800 KiB, 6% of the input's bytes; 16 groups write 512 KiB).
 constexpr int64_t kBalancedBlocks = 16;
 // Channels per task of the final merge of channels-last group states.
 constexpr int64_t kMergeGrain = 256;
@@ -122,6 +126,54 @@ template <typename T>
 std::unique_ptr<T[]> uninitialized(int64_t n) {
   return std::unique_ptr<T[]>(new T[n]);
 }
+
+// Scratch of n doubles for the per-group partials of a channels-last reduction (two arrays of
+// up to kMaxGroups * C), left uninitialised as above. Fresh blocks that
+// large come from mmap and go back to the system when freed, so every call's first writes to
+// them took page faults: ~18% of the statistics of 32x2048x7x7 (2 threads). Each thread keeps
+// one buffer of up to kKeptScratchBytes and lends it to one borrower at a time; a larger or
+// overlapping request gets fresh memory.
+constexpr int64_t kKeptScratchBytes = int64_t(8) << 20;
+
+class GroupScratch {
+ public:
+  explicit GroupScratch(int64_t n) {
+    Kept& kept = kept_buffer();
+    if (!kept.lent && n * static_cast<int64_t>(sizeof(double)) <= kKeptScratchBytes) {
+      if (kept.size < n) {
+        kept.data.reset();  // the old buffer first, so that both never coexist
+        kept.data = uninitialized<double>(n);
+        kept.size = n;
+      }
+      kept.lent = true;
+      borrowed_ = true;
+      data_ = kept.data.get();
+    } else {
+      owned_ = uninitialized<double>(n);
+      data_ = owned_.get();
+    }
+  }
+  ~GroupScratch() {
+    if (borrowed_) kept_buffer().lent = false;
+  }
+  GroupScratch(const GroupScratch&) = delete;
+  GroupScratch& operator=(const GroupScratch&) = delete;
+  double* get() const { return data_; }
+
+ private:
+  struct Kept {
+    std::unique_ptr<double[]> data;
+    int64_t size = 0;
+    bool lent = false;
+  };
+  static Kept& kept_buffer() {
+    thread_local Kept kept;
+    return kept;
+  }
+  std::unique_ptr<double[]> owned_;
+  double* data_ = nullptr;
+  bool borrowed_ = false;
+};
 
 // Per-channel vectors are derived from one another by host loops instead of chains of ATen ops:
 // each ATen op on a (C,) tensor costs a microsecond or two of dispatch, more than its arithmetic,
@@ -181,11 +233,15 @@ struct RowSplit {
   explicit RowSplit(const ChannelView& v) : rows(v.count()) {
     block_rows = std::clamp(kBlockElements / v.C, kMinBlockRows, kMaxBlockRows);
     const int64_t blocks = ceil_div(rows, block_rows);
+    int64_t max_groups = kMaxGroups;
     if (blocks > 1 && blocks < kMaxGroups) {
       const int64_t balanced_rows = ceil_div(rows, ceil_div(blocks, kBalancedBlocks) * kBalancedBlocks);
-      if (balanced_rows >= kMinBlockRows) block_rows = balanced_rows;
+      if (balanced_rows >= kMinBlockRows / 2) {
+        block_rows = balanced_rows;
+        max_groups = kBalancedBlocks;
+      }
     }
-    group_rows = ceil_div(ceil_div(rows, block_rows), kMaxGroups) * block_rows;
+    group_rows = ceil_div(ceil_div(rows, block_rows), max_groups) * block_rows;
     groups = ceil_div(rows, group_rows);
   }
   int64_t begin(int64_t g) const { return g * group_rows; }
@@ -400,16 +456,31 @@ int64_t merge_lanes(int64_t n, int64_t count_a, double* mean_a, double* m2_a, in
   return count_a + count_b;
 }
 
+// total[c] = part[c] (first) or total[c] += part[c], in double, for n channels.
+template <typename acc_t>
+void add_to_double(int64_t n, bool first, const acc_t* part, double* total) {
+  run_selected([&](auto) __attribute__((always_inline)) {
+    if (first) {
+      for (int64_t c = 0; c < n; ++c) total[c] = static_cast<double>(part[c]);
+    } else {
+      for (int64_t c = 0; c < n; ++c) total[c] += static_cast<double>(part[c]);
+    }
+  });
+}
+
 // Channels-last statistics, one state per channel. Each block of rows is reduced into per-channel
-// float sums, merged into its group's states; groups are merged in group order.
+// float sums, gathered into its group's states; groups are merged in group order.
 // A block is read once from memory, for the sums of d = x - pivot and d^2, with the pivot the
 // mean of the first kPivotRows rows (rounded to acc_t). Where every channel's block mean lies
 // near the pivot (|mean - pivot| <= ~3.9 std of the block: the squared shift is at most
-// kOnePassShift of the mean of d^2), (mean, m2) come from those sums: the cancellation in
+// kOnePassShift of the mean of d^2), the block's sums are added, in double, to the group's sums
+// of its one-pass blocks, and (mean, m2) come from those at the group's end: the cancellation in
 // m2 = sum d^2 - (sum d)^2 / n then costs at most a factor 1 / (1 - kOnePassShift) = 16 in
-// relative error. Else (a block far from the first rows, constant or non-finite channels) the
-// block, now in L2, is read again for the deviations from its own mean (the sums of e = d - m
-// and e^2), as a two-pass algorithm does, and the result is as accurate as that.
+// relative error (each block's sum of d^2 is at most 16 times its own m2, so the group's is at
+// most 16 times the group's m2). Else (a block far from the first rows, constant or non-finite
+// channels) the block, now in L2, is read again for the deviations from its own mean (the sums
+// of e = d - m and e^2), as a two-pass algorithm does, and its state, as accurate as that, is
+// merged into the group's by Chan's formula.
 template <typename scalar_t>
 std::vector<Welford> channel_stats_nlc(const scalar_t* x, const ChannelView& v) {
   using acc_t = opmath_t<scalar_t>;
@@ -430,8 +501,9 @@ std::vector<Welford> channel_stats_nlc(const scalar_t* x, const ChannelView& v) 
   }
   const PerLane<acc_t> pivot{pivot_values.data()};
   // Written by each group's first merge_lanes (count 0) before anything reads them.
-  const auto group_mean = uninitialized<double>(split.groups * C);
-  const auto group_m2 = uninitialized<double>(split.groups * C);
+  const GroupScratch group_states(2 * split.groups * C);
+  double* const group_mean = group_states.get();
+  double* const group_m2 = group_mean + split.groups * C;
   for_each_group(split, /*backward=*/false, [&](int64_t g) {
     // sd, sdd: zeroed per block below; se, see: written whole by sum_rows.
     const auto scratch = uninitialized<acc_t>(4 * C);
@@ -441,6 +513,13 @@ std::vector<Welford> channel_stats_nlc(const scalar_t* x, const ChannelView& v) 
     acc_t* const see = se + C;
     acc_t* moment_sums[] = {sd, sdd};
     acc_t* deviation_sums[] = {se, see};
+    // The one-pass blocks' sums, added up in double: they share the pivot, so they fold into one
+    // state at the group's end, where a Chan merge per block costs about a quarter of the block's
+    // reading at C = 2048. Written by the first fold before anything reads them.
+    const auto one_pass_sums = uninitialized<double>(2 * C);
+    double* const sum_d = one_pass_sums.get();
+    double* const sum_dd = sum_d + C;
+    int64_t one_pass_rows = 0;
     int64_t count = 0;
     for (int64_t r0 = split.begin(g); r0 < split.end(g); r0 += split.block_rows) {
       const int64_t r1 = std::min(split.end(g), r0 + split.block_rows);
@@ -449,27 +528,33 @@ std::vector<Welford> channel_stats_nlc(const scalar_t* x, const ChannelView& v) 
       // where needed, down column tiles (the block is in L2; the sums stay in registers).
       std::fill(sd, sd + C, acc_t(0));
       std::fill(sdd, sdd + C, acc_t(0));
-      const PrefetchRun next_block{(r1 - r0) * C, (std::min(split.rows, r1 + split.block_rows) - r1) * C};
-      accumulate_rows<2, false>(x + r0 * C, x, C, r1 - r0, C, moments_op(pivot), moment_sums, next_block);
+      const PrefetchAhead ahead{(split.rows - r0) * C};
+      accumulate_rows<2, false>(x + r0 * C, x, C, r1 - r0, C, moments_op(pivot), moment_sums, ahead);
       bool one_pass = true;
       for (int64_t c = 0; c < C && one_pass; ++c) {
         const double d = sd[c];
         one_pass = d * d * inv_count <= kOnePassShift * static_cast<double>(sdd[c]);  // false for NaN
       }
       if (one_pass) {
-        count = merge_lanes(C, count, group_mean.get() + g * C, group_m2.get() + g * C, r1 - r0,
-                            [&](int64_t c) __attribute__((always_inline)) {
-                              return chunk_moments(pivot_values[c], 0, sd[c], sdd[c], inv_count);
-                            });
+        add_to_double(C, one_pass_rows == 0, sd, sum_d);
+        add_to_double(C, one_pass_rows == 0, sdd, sum_dd);
+        one_pass_rows += r1 - r0;
         continue;
       }
       const acc_t inv_rows = acc_t(1) / static_cast<acc_t>(r1 - r0);
       for (int64_t c = 0; c < C; ++c) sd[c] *= inv_rows;  // now m, the block's mean of d
       sum_rows<2, false>(x + r0 * C, x, C, r1 - r0, C, deviation_op(pivot, PerLane<acc_t>{sd}), deviation_sums);
-      count = merge_lanes(C, count, group_mean.get() + g * C, group_m2.get() + g * C, r1 - r0,
+      count = merge_lanes(C, count, group_mean + g * C, group_m2 + g * C, r1 - r0,
                           [&](int64_t c) __attribute__((always_inline)) {
                             return chunk_moments(pivot_values[c], sd[c], se[c], see[c], inv_count);
                           });
+    }
+    if (one_pass_rows > 0) {
+      const double inv_rows = 1.0 / static_cast<double>(one_pass_rows);
+      merge_lanes(C, count, group_mean + g * C, group_m2 + g * C, one_pass_rows,
+                  [&](int64_t c) __attribute__((always_inline)) {
+                    return chunk_moments(pivot_values[c], 0, sum_d[c], sum_dd[c], inv_rows);
+                  });
     }
   });
   // Groups merged in group order, each thread over its own channels.
@@ -478,8 +563,8 @@ std::vector<Welford> channel_stats_nlc(const scalar_t* x, const ChannelView& v) 
     std::vector<double> mean(c1 - c0), m2(c1 - c0);
     int64_t count = 0;
     for (int64_t g = 0; g < split.groups; ++g) {
-      const double* gm = group_mean.get() + g * C + c0;
-      const double* gm2 = group_m2.get() + g * C + c0;
+      const double* gm = group_mean + g * C + c0;
+      const double* gm2 = group_m2 + g * C + c0;
       count = merge_lanes(c1 - c0, count, mean.data(), m2.data(), split.end(g) - split.begin(g),
                           [&](int64_t c) __attribute__((always_inline)) { return std::pair{gm[c], gm2[c]}; });
     }
@@ -807,14 +892,15 @@ void grad_sums_nlc(const scalar_t* x, const scalar_t* dy, const ChannelView& v, 
   const RowSplit split(v);
   const auto op = grad_sums_op(PerLane<acc_t>{mean});
   // Each group zeroes its own partials, in the parallel region (see uninitialized).
-  const auto part_dy = uninitialized<double>(split.groups * C);
-  const auto part_dy_xmu = uninitialized<double>(split.groups * C);
+  const GroupScratch partials(2 * split.groups * C);
+  double* const part_dy = partials.get();
+  double* const part_dy_xmu = part_dy + split.groups * C;
   for_each_group(split, /*backward=*/false, [&](int64_t g) {
     const auto scratch = uninitialized<acc_t>(2 * C);
     acc_t* const block_dy = scratch.get();
     acc_t* const block_dy_xmu = block_dy + C;
-    double* pdy = part_dy.get() + g * C;
-    double* pdx = part_dy_xmu.get() + g * C;
+    double* pdy = part_dy + g * C;
+    double* pdx = part_dy_xmu + g * C;
     std::fill(pdy, pdy + C, 0.0);
     std::fill(pdx, pdx + C, 0.0);
     for (int64_t r0 = split.begin(g); r0 < split.end(g); r0 += kSumRows) {
@@ -822,10 +908,7 @@ void grad_sums_nlc(const scalar_t* x, const scalar_t* dy, const ChannelView& v, 
       std::fill(block_dy, block_dy + C, acc_t(0));
       std::fill(block_dy_xmu, block_dy_xmu + C, acc_t(0));
       acc_t* sums[] = {block_dy, block_dy_xmu};
-      // The rows a block further on, where the rows read a block from now start.
-      const int64_t ahead0 = std::min(split.rows, r0 + split.block_rows);
-      const int64_t ahead1 = std::min(split.rows, r1 + split.block_rows);
-      const PrefetchRun ahead{(ahead0 - r0) * C, (ahead1 - ahead0) * C};
+      const PrefetchAhead ahead{(split.rows - r0) * C};
       accumulate_rows<2, true>(x + r0 * C, dy + r0 * C, C, r1 - r0, C, op, sums, ahead);
       for (int64_t c = 0; c < C; ++c) {
         pdy[c] += block_dy[c];
