@@ -166,6 +166,37 @@ def test_reduced_output_rounded_once_whatever_the_mean(device, dtype, mean, memo
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mean", [0.0, 12.0, -15.0, 17.0, 1e4])
+def test_many_channels_last_grad_input_far_from_zero(device, mean):
+    """backward_elemt with 2048 channels, channels_last, against float64 of
+    (dy - mean_dy - (x - mean) * invstd^2 * mean_dy_xmu) * invstd * w with the same float32
+    arguments: within 64 float32 units of the terms' scale whether the kernel folds the mean into
+    one per-channel constant (|mean| * invstd <= 16) or not; folding at |mean| = 1e4 std would
+    cost ~1e4 units."""
+    c = 2048
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn((4, c, 3, 3), generator=g, dtype=torch.float64) + mean).float()
+    dy = torch.randn((4, c, 3, 3), generator=g, dtype=torch.float64).float()
+    x, dy = (t.to(device).contiguous(memory_format=torch.channels_last) for t in (x, dy))
+    x64, dy64 = x.double(), dy.double()
+    mu = x64.mean((0, 2, 3)).float()
+    invstd = x64.var((0, 2, 3), unbiased=False).add(1e-5).rsqrt().float()
+    w = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).float().to(device)
+    mean_dy = dy64.mean((0, 2, 3)).float()
+    mean_dy_xmu = (dy64 * (x64 - mu.double().view(1, c, 1, 1))).mean((0, 2, 3)).float()
+    dx = torch.ops.bn_cuda.backward_elemt(dy, x, mu, invstd, w, mean_dy, mean_dy_xmu)
+    shape = (1, c, 1, 1)
+    k = (invstd.double() ** 2 * mean_dy_xmu.double()).view(shape)
+    s = (invstd.double() * w.double()).view(shape)
+    centered = x64 - mu.double().view(shape)
+    dx_ref = (dy64 - mean_dy.double().view(shape) - centered * k) * s
+    scale = (dy64.abs() + mean_dy.double().abs().view(shape) + centered.abs() * k.abs()) * s.abs()
+    err = ((dx.double() - dx_ref).abs() / scale.amax()).max().item()
+    assert err <= 64 * torch.finfo(torch.float32).eps, err
+    assert dx.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("offset", [1e2, 1e3, 1e4])
 @pytest.mark.parametrize(
     ("memory_format", "plane"),

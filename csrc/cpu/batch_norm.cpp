@@ -982,6 +982,44 @@ void grad_input_planes(const scalar_t* x, const scalar_t* g, scalar_t* out, cons
   }
 }
 
+// dx = dy * s + (x * q + r): grad_input_op<true> with q = -k * s and r = (mean * k - a) * s, where
+// every channel may fold (see kFoldMeanStd: x * q and r then cancel to at most ~2 * kFoldMeanStd
+// units in the last place of the (x - mean) * k * s term).
+template <typename Coef>
+auto folded_grad_input_op(Coef s, Coef q, Coef r) {
+  return [=](int64_t i, auto x, auto g) BN_CUDA_CPU_ALWAYS_INLINE {
+    using T = decltype(x);
+    return g * s.template at<T>(i) + (x * q.template at<T>(i) + r.template at<T>(i));
+  };
+}
+
+// Channels-last training dx with many channels: three per-channel arrays instead of the four of
+// grad_input_op, which beside a row of x, dy and dx crowd the 32 KiB L1 (C = 2048 float: 32 KiB
+// of coefficients). Returns false (nothing written) where C is smaller or some channel may not
+// fold. `backward` as in grad_input.
+template <typename scalar_t, typename acc_t>
+bool folded_grad_input_nlc(const ChannelView& v, const scalar_t* x, const scalar_t* g, scalar_t* out,
+                           const acc_t* mean, const acc_t* invstd, const acc_t* a, const acc_t* k, const acc_t* s,
+                           bool backward) {
+  constexpr int64_t kFoldMinBytes = 16384;
+  const int64_t C = v.C;
+  if (4 * C * static_cast<int64_t>(sizeof(acc_t)) <= kFoldMinBytes) return false;
+  std::vector<acc_t> q(C), r(C);
+  for (int64_t c = 0; c < C; ++c) {
+    if (!foldable(mean[c], invstd[c])) return false;
+    q[c] = -k[c] * s[c];
+    r[c] = static_cast<acc_t>((static_cast<double>(mean[c]) * k[c] - a[c]) * s[c]);
+  }
+  const RowSplit split(v);
+  const bool stream = streams_output(v);
+  const auto op = folded_grad_input_op(PerLane<acc_t>{s}, PerLane<acc_t>{q.data()}, PerLane<acc_t>{r.data()});
+  for_each_group(split, backward, [&](int64_t grp) {
+    const int64_t o = split.begin(grp) * C;
+    map_segments<true>(x + o, g + o, out + o, C, split.end(grp) - split.begin(grp), C, op, stream);
+  });
+  return true;
+}
+
 // Elementwise dx for the whole view (see grad_input_op), per-channel coefficients in acc dtype.
 // `backward`: the channels-last pass walks rows backwards (it follows a full read of x and dy).
 template <bool kUsesX, typename scalar_t, typename acc_t>
@@ -1028,8 +1066,15 @@ at::Tensor grad_input_train(const ChannelView& v, const at::Tensor& dy, const at
     std::vector<acc_t> k(v.C);
     for (int64_t c = 0; c < v.C; ++c) k[c] = invstd_p[c] * invstd_p[c] * mean_dy_xmu_p[c];
     const std::vector<acc_t> s = channel_products<acc_t>(invstd, weight);
-    grad_input<true, scalar_t, acc_t>(v, dy, dx, mean.const_data_ptr<acc_t>(), mean_dy.const_data_ptr<acc_t>(),
-                                      k.data(), s.data(), backward);
+    const acc_t* mean_p = mean.const_data_ptr<acc_t>();
+    const acc_t* mean_dy_p = mean_dy.const_data_ptr<acc_t>();
+    if (v.channels_last &&
+        folded_grad_input_nlc(v, v.x.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
+                              dx.mutable_data_ptr<scalar_t>(), mean_p, invstd_p, mean_dy_p, k.data(), s.data(),
+                              backward)) {
+      return;
+    }
+    grad_input<true, scalar_t, acc_t>(v, dy, dx, mean_p, mean_dy_p, k.data(), s.data(), backward);
   });
   return dx;
 }
