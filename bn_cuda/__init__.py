@@ -58,7 +58,7 @@ def build_info() -> dict[str, object]:
 
 
 def cpu_cache_info() -> dict[str, int]:
-    """The cache that holds the memory of freed large CPU outputs (8 MiB and more) for reuse.
+    """The cache that holds the memory of freed large CPU outputs (1 MiB and more) for reuse.
 
     A fresh large output costs a page fault per page on its first write, often more than the
     kernel itself; reusing a freed block of the same size costs none (as PyTorch's CUDA caching

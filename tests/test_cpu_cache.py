@@ -1,4 +1,4 @@
-"""The CPU kernels' large outputs (8 MiB and more) come from a cache of freed blocks
+"""The CPU kernels' large outputs (1 MiB and more) come from a cache of freed blocks
 (csrc/cpu/output_alloc.h): reused memory must never leak old values, two live outputs never
 share memory, the storage stays resizable, and BN_CUDA_CPU_CACHE_MB bounds what is kept."""
 
@@ -84,6 +84,30 @@ def test_output_storage_stays_resizable():
     n = y.numel()
     y.resize_(n + 3 * MIB)  # past the block: the storage is reallocated and its values copied
     torch.testing.assert_close(y[:n].view(LARGE), x)
+
+
+def test_mid_sized_outputs_come_from_the_cache():
+    """Outputs of 1-8 MiB (page-aligned blocks, no huge pages) are reused too, and a reused block
+    holds the new values, in the forward and the backward."""
+    shape = (2, 8, 128, 128)  # 1 MiB of float32
+    bn = bn_cuda.BatchNorm2d(8)
+    x = torch.randn(shape, requires_grad=True)
+    dy = torch.randn(shape)
+    bn(x).backward(dy)  # leaves freed blocks of this size behind
+    x.grad = None
+    before = bn_cuda.cpu_cache_info()
+    y = bn(x)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    after = bn_cuda.cpu_cache_info()
+    assert after["hits"] >= before["hits"] + 2
+    y_ref, _, _ = reference_batch_norm(x.detach(), bn.weight.detach(), bn.bias.detach())
+    torch.testing.assert_close(y.double(), y_ref, atol=1e-5, rtol=0)
+    x_ref = x.detach().double().requires_grad_()
+    y64 = torch.nn.functional.batch_norm(
+        x_ref, None, None, bn.weight.detach().double(), bn.bias.detach().double(), True
+    )
+    (dx_ref,) = torch.autograd.grad(y64, x_ref, dy.double())
+    torch.testing.assert_close(dx.double(), dx_ref, atol=1e-4, rtol=0)
 
 
 def test_small_outputs_bypass_the_cache():

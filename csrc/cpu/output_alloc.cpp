@@ -82,7 +82,7 @@ class BlockCache {
 #endif
   }
 
-  // A block of exactly `bytes` (a multiple of kHugePageBytes): a cached one, or fresh memory.
+  // A block of exactly `bytes` (block_bytes): a cached one, or fresh memory.
   Block* take(size_t bytes) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -97,14 +97,16 @@ class BlockCache {
       }
       ++misses_;
     }
-    void* ptr = std::aligned_alloc(kHugePageBytes, bytes);
+    const bool huge = static_cast<int64_t>(bytes) >= kLargeOutputBytes;
+    const size_t alignment = huge ? kHugePageBytes : kPageBytes;
+    void* ptr = std::aligned_alloc(alignment, bytes);
     if (ptr == nullptr) {
       clear();  // the cached blocks may be what the system is missing
-      ptr = std::aligned_alloc(kHugePageBytes, bytes);
+      ptr = std::aligned_alloc(alignment, bytes);
     }
     TORCH_CHECK_WITH(OutOfMemoryError, ptr != nullptr, "bn_cuda: CPU out of memory: tried to allocate ", bytes,
                      " bytes for an output");
-    advise_huge_pages(ptr, bytes);
+    if (huge) advise_huge_pages(ptr, bytes);
     return new Block{ptr, bytes};
   }
 
@@ -170,13 +172,19 @@ void give_back(void* context) {
   block_cache().give(static_cast<Block*>(context));
 }
 
-// Large requests from the block cache, the others from PyTorch's CPU allocator. Set as the
-// outputs' storage allocator, so that a resize_ of an output still works.
+// The size of the cached block for a request of n bytes: whole huge pages from
+// kLargeOutputBytes, whole 4 KiB pages below.
+size_t block_bytes(size_t n) {
+  const size_t unit = static_cast<int64_t>(n) >= kLargeOutputBytes ? kHugePageBytes : kPageBytes;
+  return (n + unit - 1) / unit * unit;
+}
+
+// Requests of kCachedOutputBytes and more from the block cache, the others from PyTorch's CPU
+// allocator. Set as the outputs' storage allocator, so that a resize_ of an output still works.
 struct OutputAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
-    if (static_cast<int64_t>(n) < kLargeOutputBytes) return c10::GetCPUAllocator()->allocate(n);
-    const size_t mask = static_cast<size_t>(kHugePageBytes) - 1;
-    Block* block = block_cache().take((n + mask) & ~mask);
+    if (static_cast<int64_t>(n) < kCachedOutputBytes) return c10::GetCPUAllocator()->allocate(n);
+    Block* block = block_cache().take(block_bytes(n));
     return {block->ptr, block, &give_back, c10::Device(c10::DeviceType::CPU)};
   }
   void copy_data(void* dest, const void* src, std::size_t count) const override {
@@ -193,7 +201,7 @@ OutputAllocator* output_allocator() {
 
 at::Tensor empty_output(const ChannelView& v) {
   const int64_t bytes = v.x.numel() * static_cast<int64_t>(v.x.element_size());
-  if (!v.x.is_cpu() || bytes < kLargeOutputBytes) return empty_like_view(v);
+  if (!v.x.is_cpu() || bytes < kCachedOutputBytes) return empty_like_view(v);
   return at::detail::empty_generic(v.x.sizes(), output_allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    v.x.scalar_type(), v.format);
 }
