@@ -168,11 +168,12 @@ def _notes(results: Results) -> list[str]:
         stream_mb = os.environ.get("BN_CUDA_CPU_STREAM_MB", "")
         notes.append(
             "CPU: every call allocates its outputs, as eager code does; the first touch of each page of "
-            "fresh memory costs a page fault. bn_cuda's outputs of 8 MiB and more come from its cache of "
+            "fresh memory costs a page fault. bn_cuda's outputs of 1 MiB and more come from its cache of "
             "freed blocks (BN_CUDA_CPU_CACHE_MB="
             + (cache_mb if cache_mb else "1024, the default")
             + "; 0 turns it off), so from the second call on they reuse memory already mapped, and fresh "
-            "blocks get transparent huge pages (BN_CUDA_CPU_HUGE_PAGES=0 turns that off). PyTorch's large "
+            "blocks of 8 MiB and more get transparent huge pages (BN_CUDA_CPU_HUGE_PAGES=0 turns that off). "
+            "PyTorch's large "
             "CPU tensors come fresh from the system on every call, with huge pages only under "
             "THP_MEM_ALLOC_ENABLE=1"
             + (" (set in this run)." if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1" else " (not set in this run).")
