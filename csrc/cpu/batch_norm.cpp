@@ -128,11 +128,12 @@ std::unique_ptr<T[]> uninitialized(int64_t n) {
 }
 
 // Scratch of n doubles for the per-group partials of a channels-last reduction (two arrays of
-// up to kMaxGroups * C), left uninitialised as above. Fresh blocks that
-// large come from mmap and go back to the system when freed, so every call's first writes to
-// them took page faults: ~18% of the statistics of 32x2048x7x7 (2 threads). Each thread keeps
-// one buffer of up to kKeptScratchBytes and lends it to one borrower at a time; a larger or
-// overlapping request gets fresh memory.
+// up to kMaxGroups * C), left uninitialised as above. Fresh blocks that large come from mmap and
+// go back to the system when freed, so every call's first writes to them took page faults (in
+// one profile of the statistics of 32x2048x7x7, 2 threads, ~18% of the time sat on those
+// writes). Each calling thread keeps one buffer of up to kKeptScratchBytes (for the life of the
+// thread) and lends it to one borrower at a time; a larger or overlapping request gets fresh
+// memory.
 constexpr int64_t kKeptScratchBytes = int64_t(8) << 20;
 
 class GroupScratch {
@@ -514,8 +515,8 @@ std::vector<Welford> channel_stats_nlc(const scalar_t* x, const ChannelView& v) 
     acc_t* moment_sums[] = {sd, sdd};
     acc_t* deviation_sums[] = {se, see};
     // The one-pass blocks' sums, added up in double: they share the pivot, so they fold into one
-    // state at the group's end, where a Chan merge per block costs about a quarter of the block's
-    // reading at C = 2048. Written by the first fold before anything reads them.
+    // state at the group's end (two adds per channel and block instead of a Chan merge each).
+    // Written by the first fold before anything reads them.
     const auto one_pass_sums = uninitialized<double>(2 * C);
     double* const sum_d = one_pass_sums.get();
     double* const sum_dd = sum_d + C;
