@@ -592,6 +592,11 @@ auto scale_offset_op(Coef scale, Coef offset) {
 // more than an instruction (affine_nlc's many channels).
 constexpr double kFoldMeanStd = 16;
 
+// Per-channel coefficient arrays of more than this many bytes together crowd the 32 KiB L1 beside
+// a channels-last row of the inputs and the output: the channels-last passes then fold the mean
+// into fewer arrays (affine_nlc, folded_grad_input_nlc) where every channel may.
+constexpr int64_t kManyChannelCoefBytes = 16384;
+
 // Whether one channel may fold: false for a NaN mean or invstd too.
 template <typename acc_t>
 bool foldable(acc_t mean, acc_t invstd) {
@@ -616,6 +621,21 @@ std::vector<acc_t> folded_offsets(const acc_t* mean, const acc_t* invstd, const 
   return offset;
 }
 
+// out = op over every row of a channels-last view (per group of RowSplit, map_segments), reading
+// a (and b where kHasB) at out's offsets; streamed where streams_output(v); `backward` as in
+// for_each_group.
+template <bool kHasB, typename scalar_t, typename Op>
+void map_rows_nlc(const scalar_t* a, const scalar_t* b, scalar_t* out, const ChannelView& v, const Op& op,
+                  bool backward) {
+  const int64_t C = v.C;
+  const RowSplit split(v);
+  const bool stream = streams_output(v);
+  for_each_group(split, backward, [&](int64_t g) {
+    const int64_t o = split.begin(g) * C;
+    map_segments<kHasB>(a + o, kHasB ? b + o : b, out + o, C, split.end(g) - split.begin(g), C, op, stream);
+  });
+}
+
 // Channels-last y = (x - mean) * scale + shift over all rows; `backward` as in for_each_group.
 // Folded (see kFoldMeanStd) for float16/bfloat16, and with many channels, where three
 // per-channel arrays crowd L1 beside the rows (C = 2048 float: 24 KiB of 32): reading two
@@ -623,22 +643,15 @@ std::vector<acc_t> folded_offsets(const acc_t* mean, const acc_t* invstd, const 
 template <typename scalar_t, typename acc_t>
 void affine_nlc(const scalar_t* x, scalar_t* y, const ChannelView& v, const acc_t* mean, const acc_t* invstd,
                 const acc_t* scale, const acc_t* shift, bool backward) {
-  constexpr int64_t kTwoArrayMinBytes = 16384;
   const int64_t C = v.C;
-  const RowSplit split(v);
-  const bool stream = streams_output(v);
-  const auto run = [&](const auto& op) {
-    for_each_group(split, backward, [&](int64_t g) {
-      const int64_t o = split.begin(g) * C;
-      map_segments<false>(x + o, x, y + o, C, split.end(g) - split.begin(g), C, op, stream);
-    });
-  };
-  const bool fold = !std::is_same_v<scalar_t, acc_t> || 3 * C * static_cast<int64_t>(sizeof(acc_t)) > kTwoArrayMinBytes;
+  const bool fold =
+      !std::is_same_v<scalar_t, acc_t> || 3 * C * static_cast<int64_t>(sizeof(acc_t)) > kManyChannelCoefBytes;
   const std::vector<acc_t> offset = fold ? folded_offsets(mean, invstd, scale, shift, C) : std::vector<acc_t>{};
   if (!offset.empty()) {
-    run(scale_offset_op(PerLane<acc_t>{scale}, PerLane<acc_t>{offset.data()}));
+    map_rows_nlc<false>(x, x, y, v, scale_offset_op(PerLane<acc_t>{scale}, PerLane<acc_t>{offset.data()}), backward);
   } else {
-    run(affine_op(PerLane<acc_t>{mean}, PerLane<acc_t>{scale}, PerLane<acc_t>{shift}));
+    map_rows_nlc<false>(x, x, y, v, affine_op(PerLane<acc_t>{mean}, PerLane<acc_t>{scale}, PerLane<acc_t>{shift}),
+                        backward);
   }
 }
 
@@ -892,7 +905,8 @@ void grad_sums_nlc(const scalar_t* x, const scalar_t* dy, const ChannelView& v, 
   const int64_t C = v.C;
   const RowSplit split(v);
   const auto op = grad_sums_op(PerLane<acc_t>{mean});
-  // Each group zeroes its own partials, in the parallel region (see uninitialized).
+  // Each group writes its own partials (its first block sets them), in the parallel region (see
+  // uninitialized).
   const GroupScratch partials(2 * split.groups * C);
   double* const part_dy = partials.get();
   double* const part_dy_xmu = part_dy + split.groups * C;
@@ -902,8 +916,6 @@ void grad_sums_nlc(const scalar_t* x, const scalar_t* dy, const ChannelView& v, 
     acc_t* const block_dy_xmu = block_dy + C;
     double* pdy = part_dy + g * C;
     double* pdx = part_dy_xmu + g * C;
-    std::fill(pdy, pdy + C, 0.0);
-    std::fill(pdx, pdx + C, 0.0);
     for (int64_t r0 = split.begin(g); r0 < split.end(g); r0 += kSumRows) {
       const int64_t r1 = std::min(split.end(g), r0 + kSumRows);
       std::fill(block_dy, block_dy + C, acc_t(0));
@@ -911,10 +923,8 @@ void grad_sums_nlc(const scalar_t* x, const scalar_t* dy, const ChannelView& v, 
       acc_t* sums[] = {block_dy, block_dy_xmu};
       const PrefetchAhead ahead{(split.rows - r0) * C};
       accumulate_rows<2, true>(x + r0 * C, dy + r0 * C, C, r1 - r0, C, op, sums, ahead);
-      for (int64_t c = 0; c < C; ++c) {
-        pdy[c] += block_dy[c];
-        pdx[c] += block_dy_xmu[c];
-      }
+      add_to_double(C, r0 == split.begin(g), block_dy, pdy);
+      add_to_double(C, r0 == split.begin(g), block_dy_xmu, pdx);
     }
   });
   std::fill(sum_dy, sum_dy + C, 0.0);
@@ -1002,22 +1012,17 @@ template <typename scalar_t, typename acc_t>
 bool folded_grad_input_nlc(const ChannelView& v, const scalar_t* x, const scalar_t* g, scalar_t* out,
                            const acc_t* mean, const acc_t* invstd, const acc_t* a, const acc_t* k, const acc_t* s,
                            bool backward) {
-  constexpr int64_t kFoldMinBytes = 16384;
   const int64_t C = v.C;
-  if (4 * C * static_cast<int64_t>(sizeof(acc_t)) <= kFoldMinBytes) return false;
+  if (4 * C * static_cast<int64_t>(sizeof(acc_t)) <= kManyChannelCoefBytes) return false;
   std::vector<acc_t> q(C), r(C);
   for (int64_t c = 0; c < C; ++c) {
     if (!foldable(mean[c], invstd[c])) return false;
     q[c] = -k[c] * s[c];
     r[c] = static_cast<acc_t>((static_cast<double>(mean[c]) * k[c] - a[c]) * s[c]);
   }
-  const RowSplit split(v);
-  const bool stream = streams_output(v);
-  const auto op = folded_grad_input_op(PerLane<acc_t>{s}, PerLane<acc_t>{q.data()}, PerLane<acc_t>{r.data()});
-  for_each_group(split, backward, [&](int64_t grp) {
-    const int64_t o = split.begin(grp) * C;
-    map_segments<true>(x + o, g + o, out + o, C, split.end(grp) - split.begin(grp), C, op, stream);
-  });
+  map_rows_nlc<true>(x, g, out, v,
+                     folded_grad_input_op(PerLane<acc_t>{s}, PerLane<acc_t>{q.data()}, PerLane<acc_t>{r.data()}),
+                     backward);
   return true;
 }
 
@@ -1029,26 +1034,19 @@ void grad_input(const ChannelView& v, const at::Tensor& dy, const at::Tensor& dx
   const scalar_t* x = v.x.const_data_ptr<scalar_t>();
   const scalar_t* g = dy.const_data_ptr<scalar_t>();
   scalar_t* out = dx.mutable_data_ptr<scalar_t>();
-  const int64_t C = v.C;
-  const bool stream = streams_output(v);
   if (v.channels_last) {
-    const RowSplit split(v);
     const auto op = grad_input_op<kUsesX>(PerLane<acc_t>{mean}, PerLane<acc_t>{a}, PerLane<acc_t>{k},
                                           PerLane<acc_t>{s});
-    for_each_group(split, backward, [&](int64_t grp) {
-      const int64_t o = split.begin(grp) * C;
-      const int64_t rows = split.end(grp) - split.begin(grp);
-      // Eval statistics read only dy: it goes in the first slot.
-      if constexpr (kUsesX) {
-        map_segments<true>(x + o, g + o, out + o, C, rows, C, op, stream);
-      } else {
-        map_segments<false>(
-            g + o, g, out + o, C, rows, C, [&](int64_t i, auto gi, auto) { return op(i, gi, gi); }, stream);
-      }
-    });
+    // Eval statistics read only dy: it goes in the first slot.
+    if constexpr (kUsesX) {
+      map_rows_nlc<true>(x, g, out, v, op, backward);
+    } else {
+      map_rows_nlc<false>(g, g, out, v, [&](int64_t i, auto gi, auto) { return op(i, gi, gi); }, backward);
+    }
   } else {
+    const bool stream = streams_output(v);
     const int64_t grain = std::max<int64_t>(1, kElementwiseGrain / v.L);
-    at::parallel_for(0, v.N * C, grain, [&](int64_t s0, int64_t s1) {
+    at::parallel_for(0, v.N * v.C, grain, [&](int64_t s0, int64_t s1) {
       grad_input_planes<kUsesX>(x, g, out, v, s0, s1, mean, a, k, s, stream);
     });
   }
