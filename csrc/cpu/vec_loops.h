@@ -384,11 +384,16 @@ constexpr int64_t kCachedRowsPrefetchBytes = 1024;
 // caller has just read whole, so that it sits in L2 and L3, not in memory. Each step prefetches
 // the values kCachedRowsPrefetchBytes ahead in memory order, within the block, with the
 // non-temporal hint (PREFETCHNTA): lines that come from L3 that way do not displace the
-// per-channel coefficients and the output's lines from L1 and L2. On the 2-thread EPYC VM, op
-// alone against the plain loop (scripts/compare_builds.sh, 3-13 MB): channels-last training
-// forward 10-20% faster over 128 to 2048 channels, backward 17-39% (a T0 prefetch was not
-// faster); where x comes from memory the hint was 5-10% slower, which is why only a pass that
-// re-reads takes this loop.
+// per-channel coefficients and the output's lines from L1 and L2, and leave the caches when L1
+// drops them. On the 2-thread EPYC VM, op alone against the plain loop
+// (scripts/compare_builds.sh, 3-13 MB): channels-last training forward 10-20% faster over 128 to
+// 2048 channels, backward 17-39%; a T0 prefetch was not faster. The training forward's x is then
+// gone from the caches: a backward run right after its forward (the bench's forward+backward)
+// reads it from memory, ~10% slower in one process at 3-13 MB. Inside a network other layers run
+// between a layer's forward and its backward, which then reads x from memory either way.
+// PREFETCHT2 for the forward kept x but bought only ~5% there (bench rows at 12.8 MB: 1.01-1.08x
+// of eager against 1.29-1.39x with NTA). Where x comes from memory the hint was 5-10% slower,
+// which is why only a pass that re-reads takes this loop.
 template <Isa kIsa, bool kHasB, typename scalar_t, typename Op>
 BN_CUDA_CPU_INLINE void map_cached_rows_body(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t rows,
                                              int64_t n, const Op& op) {
