@@ -333,15 +333,23 @@ struct PerLane {
 // Each loop below is a body template, compiled for each ISA by its wrapper through
 // run_selected.
 
+// A map_run step hook that does nothing.
+struct NoStepHook {
+  BN_CUDA_CPU_INLINE void operator()(int64_t) const {}
+};
+
 // out[i] = op(i, a[i], b[i]) for i in [0, n); the whole steps by non-temporal stores where
-// kStream (out then 32-byte aligned), the scalar tail by plain ones.
-template <Isa kIsa, bool kHasB, bool kStream, typename scalar_t, typename Op>
-BN_CUDA_CPU_INLINE void map_run(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t n, const Op& op) {
+// kStream (out then 32-byte aligned), the scalar tail by plain ones. before_step(i) runs before
+// each whole step (an always-inline lambda: map_cached_rows' prefetch).
+template <Isa kIsa, bool kHasB, bool kStream, typename scalar_t, typename Op, typename StepHook = NoStepHook>
+BN_CUDA_CPU_INLINE void map_run(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t n, const Op& op,
+                                const StepHook& before_step = {}) {
   using IO = VecIO<scalar_t, kIsa>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
   int64_t i = 0;
   for (; i + IO::kStep <= n; i += IO::kStep) {
+    before_step(i);
     Vec a0, a1, b0{}, b1{};
     IO::load(a + i, a0, a1);
     if constexpr (kHasB) IO::load(b + i, b0, b1);
@@ -397,27 +405,15 @@ constexpr int64_t kCachedRowsPrefetchBytes = 1024;
 template <Isa kIsa, bool kHasB, typename scalar_t, typename Op>
 BN_CUDA_CPU_INLINE void map_cached_rows_body(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t rows,
                                              int64_t n, const Op& op) {
-  using IO = VecIO<scalar_t, kIsa>;
-  using acc_t = typename IO::acc_t;
-  using Vec = typename IO::Vec;
   constexpr int64_t distance = kCachedRowsPrefetchBytes / static_cast<int64_t>(sizeof(scalar_t));
   const int64_t prefetch_end = rows * n - distance;
   for (int64_t o = 0; o < rows * n; o += n) {
-    int64_t i = 0;
-    for (; i + IO::kStep <= n; i += IO::kStep) {
+    map_run<kIsa, kHasB, false>(a + o, b + o, out + o, n, op, [&](int64_t i) __attribute__((always_inline)) {
       if (o + i < prefetch_end) {
         __builtin_prefetch(a + o + i + distance, 0, 0);
         if constexpr (kHasB) __builtin_prefetch(b + o + i + distance, 0, 0);
       }
-      Vec a0, a1, b0{}, b1{};
-      IO::load(a + o + i, a0, a1);
-      if constexpr (kHasB) IO::load(b + o + i, b0, b1);
-      IO::template store<false>(out + o + i, op(i, a0, b0), op(i + IO::kWidth, a1, b1));
-    }
-    for (; i < n; ++i) {
-      const acc_t bi = kHasB ? IO::to_acc(b[o + i]) : acc_t(0);
-      out[o + i] = IO::from_acc(op(i, IO::to_acc(a[o + i]), bi));
-    }
+    });
   }
 }
 
