@@ -117,9 +117,9 @@ bool streams_output(const ChannelView& v) {
 
 // Whether a pass that re-reads x right after a full read of it (training forward's
 // normalization, backward's dx) finds x in the caches: up to this size the channels-last passes
-// read it through map_cached_rows. On the 2-thread EPYC VM (32 MB L3) the float normalization
-// after the statistics was 10-20% faster that way at 3-13 MB and 0-10% slower at 26 MB, where the
-// output written beside it evicts much of x before it is re-read.
+// read it through map_cached_rows. On the 2-thread EPYC VM (32 MB L3) the float training forward
+// was 10-20% faster that way at 3-13 MB and mixed at 26 MB (from 15% faster to 11% slower by
+// shape and run), where the output written beside x evicts much of it before it is re-read.
 constexpr int64_t kRereadFromCacheMaxBytes = int64_t(16) << 20;
 
 bool rereads_from_cache(const ChannelView& v) {

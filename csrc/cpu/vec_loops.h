@@ -400,7 +400,7 @@ constexpr int64_t kCachedRowsPrefetchBytes = 1024;
 // reads it from memory, ~10% slower in one process at 3-13 MB. Inside a network other layers run
 // between a layer's forward and its backward, which then reads x from memory either way.
 // PREFETCHT2 for the forward kept x but bought only ~5% there (bench rows at 12.8 MB: 1.01-1.08x
-// of eager against 1.29-1.39x with NTA). Where x comes from memory the hint was 5-10% slower,
+// of eager against 1.29-1.39x with NTA, bench/results/cpu-amd-epyc-2t/forward-prefetch-hint). Where x comes from memory the hint was 5-10% slower,
 // which is why only a pass that re-reads takes this loop.
 template <Isa kIsa, bool kHasB, typename scalar_t, typename Op>
 BN_CUDA_CPU_INLINE void map_cached_rows_body(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t rows,
