@@ -61,6 +61,12 @@ void advise_huge_pages(void* ptr, size_t bytes) {
 #endif
 }
 
+// The page size of a block of `bytes`: huge pages from kLargeOutputBytes, 4 KiB pages below. A
+// block's size is a whole number of them, and so is its alignment.
+size_t page_unit(size_t bytes) {
+  return static_cast<int64_t>(bytes) >= kLargeOutputBytes ? kHugePageBytes : kPageBytes;
+}
+
 class BlockCache;
 BlockCache& block_cache();
 
@@ -97,8 +103,8 @@ class BlockCache {
       }
       ++misses_;
     }
-    const bool huge = static_cast<int64_t>(bytes) >= kLargeOutputBytes;
-    const size_t alignment = huge ? kHugePageBytes : kPageBytes;
+    const size_t alignment = page_unit(bytes);
+    const bool huge = alignment == static_cast<size_t>(kHugePageBytes);
     void* ptr = std::aligned_alloc(alignment, bytes);
     if (ptr == nullptr) {
       clear();  // the cached blocks may be what the system is missing
@@ -172,10 +178,9 @@ void give_back(void* context) {
   block_cache().give(static_cast<Block*>(context));
 }
 
-// The size of the cached block for a request of n bytes: whole huge pages from
-// kLargeOutputBytes, whole 4 KiB pages below.
+// The size of the cached block for a request of n bytes: whole pages of page_unit(n).
 size_t block_bytes(size_t n) {
-  const size_t unit = static_cast<int64_t>(n) >= kLargeOutputBytes ? kHugePageBytes : kPageBytes;
+  const size_t unit = page_unit(n);
   return (n + unit - 1) / unit * unit;
 }
 
