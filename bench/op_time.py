@@ -1,4 +1,4 @@
-"""Best time of one bn_cuda CPU op on one shape, for comparing two builds of the same code.
+"""Best time of one bn_cuda CPU op on one shape, for comparing two builds or two settings.
 
 `python -m bench` compares bn_cuda with PyTorch inside one process; this compares bn_cuda with
 itself across builds (scripts/compare_builds.sh runs it in two checkouts, alternating), where the
@@ -7,18 +7,25 @@ one number, microseconds: the best of `--reps` blocks of 8 calls over 8 rotated 
 block is the one least disturbed by the other tenants of the machine).
 
     python -m bench.op_time 32x2048x7x7 nchw bfloat16 eval --threads 1
+
+`--ab NAME=VALUE` compares two settings of an environment variable that the kernels read on every
+call (BN_CUDA_CPU_STREAM_MB) in one process: rounds of blocks with the variable unset and set,
+alternating, so that both see the same machine; it prints the best of each and set/unset.
+
+    python -m bench.op_time 32x512x14x14 nhwc float32 bwd --threads 2 --ab BN_CUDA_CPU_STREAM_MB=32
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
 
 import bn_cuda  # its import registers torch.ops.bn_cuda
 
-PASSES = ("eval", "train", "bwd", "module_train")
+PASSES = ("eval", "train", "bwd", "module_train", "module_fwd_bwd")
 
 
 def op_call(shape: tuple[int, ...], channels_last: bool, dtype: torch.dtype, pass_name: str):
@@ -37,11 +44,16 @@ def op_call(shape: tuple[int, ...], channels_last: bool, dtype: torch.dtype, pas
         dys = [torch.randn(shape).to(dtype).contiguous(memory_format=fmt) for _ in range(k)]
         _, mean, invstd, _ = ops.forward_train(xs[0], weight, bias, 1e-5)
         return lambda i: ops.backward(dys[i % k], xs[i % k], mean, invstd, weight, True, [True, True, True])
-    # The whole module call in training (argument checks, autograd node, running statistics).
+    # The whole module call in training (argument checks, autograd node, running statistics);
+    # module_fwd_bwd: and its backward right after, as the bench's fwd+bwd pass.
     module = bn_cuda.BatchNorm2d(c) if len(shape) == 4 else bn_cuda.BatchNorm1d(c)
     for x in xs:
         x.requires_grad_()
-    return lambda i: module(xs[i % k])
+    if pass_name == "module_train":
+        return lambda i: module(xs[i % k])
+    dys = [torch.randn(shape).to(dtype).contiguous(memory_format=fmt) for _ in range(k)]
+    params = (module.weight, module.bias)
+    return lambda i: torch.autograd.grad(module(xs[i % k]), (xs[i % k], *params), dys[i % k])
 
 
 def best_us(call, reps: int) -> float:
@@ -54,6 +66,26 @@ def best_us(call, reps: int) -> float:
     return best * 1e6
 
 
+def best_us_ab(call, reps: int, name: str, value: str, rounds: int = 8) -> tuple[float, float]:
+    """Best times with `name` unset and set to `value`, over `rounds` alternating rounds of
+    `reps` // `rounds` blocks each; the variable's earlier value is restored."""
+    previous = os.environ.pop(name, None)
+    best = {False: float("inf"), True: float("inf")}
+    try:
+        for _ in range(rounds):
+            for setting in (False, True):
+                if setting:
+                    os.environ[name] = value
+                else:
+                    os.environ.pop(name, None)
+                best[setting] = min(best[setting], best_us(call, max(1, reps // rounds)))
+    finally:
+        os.environ.pop(name, None)
+        if previous is not None:
+            os.environ[name] = previous
+    return best[False], best[True]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("shape", help="NxCxHxW (or NxC)")
@@ -62,11 +94,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("pass_name", metavar="pass", choices=PASSES)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=40)
+    parser.add_argument("--ab", metavar="NAME=VALUE", help="compare unset and set (see above)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     shape = tuple(int(v) for v in args.shape.split("x"))
     call = op_call(shape, args.format == "nhwc", getattr(torch, args.dtype), args.pass_name)
-    print(f"{best_us(call, args.reps):.0f}")
+    if args.ab is None:
+        print(f"{best_us(call, args.reps):.0f}")
+        return 0
+    name, sep, value = args.ab.partition("=")
+    if not sep or not name:
+        parser.error(f"--ab wants NAME=VALUE, got {args.ab!r}")
+    unset, set_ = best_us_ab(call, args.reps, name, value)
+    print(f"{unset:.0f} {set_:.0f} {set_ / unset:.2f}")
     return 0
 
 

@@ -177,10 +177,14 @@ def _notes(results: Results) -> list[str]:
             "CPU tensors come fresh from the system on every call, with huge pages only under "
             "THP_MEM_ALLOC_ENABLE=1"
             + (" (set in this run)." if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1" else " (not set in this run).")
-            + " bn_cuda writes outputs of BN_CUDA_CPU_STREAM_MB="
-            + (stream_mb if stream_mb else "32 (the default)")
-            + " MiB and more with non-temporal stores, which skip reading each output line into the cache "
-            "first (an output that large has left the cache before a next layer would read it)."
+            + (
+                " bn_cuda writes outputs of BN_CUDA_CPU_STREAM_MB=" + stream_mb + " MiB and more"
+                if stream_mb
+                else " bn_cuda writes y of 32 MiB and more and dx of 8 MiB and more (the defaults)"
+            )
+            + " with non-temporal stores, which skip reading each output line into the cache first (a y "
+            "that large has left the cache before a next layer would read it; dx feeds the backward of "
+            "the layer before, in a CNN a convolution's, which computes far longer than it reads)."
         )
     if not meta["device"].startswith("cuda"):
         notes.extend(_load_note(meta))

@@ -6,6 +6,7 @@ the harness itself and run whether or not the extension is built.
 
 import csv
 import json
+import os
 
 import pytest
 import torch
@@ -308,10 +309,23 @@ def test_geomean_summary_uses_the_faster_baseline_per_row(tmp_path):
     assert len(lines) == 3
 
 
-@pytest.mark.parametrize("pass_name", ["eval", "train", "bwd", "module_train"])
+@pytest.mark.parametrize("pass_name", ["eval", "train", "bwd", "module_train", "module_fwd_bwd"])
 def test_op_time_prints_one_time(pass_name, capsys):
     """bench.op_time (run by scripts/compare_builds.sh in two builds) prints one positive number."""
     from bench import op_time
 
     assert op_time.main(["4x3x5x5", "nhwc", "float32", pass_name, "--reps", "2"]) == 0
     assert float(capsys.readouterr().out) > 0
+
+
+def test_op_time_ab_alternates_a_setting(capsys, monkeypatch):
+    """--ab prints the best time unset, set, and their ratio, and leaves the variable as it was."""
+    from bench import op_time
+
+    monkeypatch.setenv("BN_CUDA_CPU_STREAM_MB", "7")
+    assert op_time.main(["4x64x4x4", "nhwc", "float32", "bwd", "--reps", "4", "--ab", "BN_CUDA_CPU_STREAM_MB=0"]) == 0
+    unset, set_, ratio = (float(v) for v in capsys.readouterr().out.split())
+    assert unset > 0 and set_ > 0 and ratio > 0  # times printed rounded, the ratio from the exact ones
+    assert os.environ["BN_CUDA_CPU_STREAM_MB"] == "7"
+    with pytest.raises(SystemExit):
+        op_time.main(["4x3x5x5", "nhwc", "float32", "bwd", "--ab", "NOVALUE"])

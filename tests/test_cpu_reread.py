@@ -1,9 +1,10 @@
 """The CPU channels-last passes that re-read x right after a full read of it (the training
 forward's normalization after the statistics, the backward's dx after its sums) read it through a
 prefetching loop where x is at most 16 MiB (map_cached_rows) and through the plain row loop above
-that (csrc/cpu/batch_norm.cpp, rereads_from_cache). Either way the forward must give the bits of
-the normalize op, which reads x once and always through the plain loop, and dx must be as exact
-as PyTorch's."""
+that (csrc/cpu/batch_norm.cpp, rereads_from_cache); dx of 8 MiB and more goes out by non-temporal
+stores from either loop (streams_output). Either way the forward must give the bits of the
+normalize op, which reads x once and always through the plain loop, and dx must be as exact as
+PyTorch's."""
 
 import pytest
 import torch
@@ -12,9 +13,11 @@ from conftest import assert_no_worse_than_torch
 import bn_cuda  # noqa: F401  (registers torch.ops.bn_cuda)
 
 # channels_last: 2 MiB of float32 over 40 channels (the cached loop, whole vector steps and a
-# tail per row) and 17 MiB (the plain loop: above the 16 MiB bound, below the 32 MiB from which
-# outputs are streamed).
+# tail per row) and 17 MiB (the plain loop: above the 16 MiB bound; y below the 32 MiB from which
+# it is streamed, dx above its 8 MiB).
 SHAPES = [(8, 40, 40, 41), (17, 64, 64, 64)]
+# dx also at 10 MiB: the cached loop with streamed stores.
+DX_SHAPES = [*SHAPES, (10, 64, 64, 64)]
 
 
 def _inputs(shape, dtype):
@@ -35,7 +38,7 @@ def test_training_forward_matches_normalize(shape, dtype):
     assert torch.equal(y, torch.ops.bn_cuda.normalize(x, mean, invstd, weight, bias))
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", DX_SHAPES)
 def test_training_backward_dx(shape):
     x, dy, weight, _ = _inputs(shape, torch.float32)
     _, mean, invstd, _ = torch.ops.bn_cuda.forward_train(x, weight, None, 1e-5)

@@ -2,7 +2,8 @@
 streams_output): y of the forwards, dx of the backwards, where every channels-last row or
 channels-first plane is whole 64-byte lines. BN_CUDA_CPU_STREAM_MB=0 streams every such output, so
 a fresh process with it runs the streaming loops on small tensors; they must give the same bits
-as the plain stores of this process (the default threshold, 32 MiB, is far above these tensors)."""
+as the plain stores of this process (the default thresholds, 32 MiB for y and 8 MiB for dx, are far
+above these tensors)."""
 
 import os
 import subprocess

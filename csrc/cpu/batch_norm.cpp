@@ -87,32 +87,42 @@ constexpr int64_t kBalancedBlocks = 16;
 constexpr int64_t kMergeGrain = 256;
 // Values per task of a purely elementwise pass.
 constexpr int64_t kElementwiseGrain = 32768;
-// Outputs (y, dx) of at least this many bytes are written with non-temporal stores: a plain store
-// first reads its line into the cache, a third of an elementwise pass's memory traffic, and an
-// output larger than the last-level cache (32 MB on the machine measured) has left it before
-// the next layer reads it anyway. A smaller one is worth keeping: 2 threads, training forward
-// followed by an in-place ReLU of y, 32x64x56x56 float32 (25.7 MB) ~2.0 ms plain, ~2.5 ms
-// streamed (the op alone about equal); 32x128x56x56 (51 MB) ~5.7 ms plain, ~5.1 ms streamed.
-// BN_CUDA_CPU_STREAM_MB (MiB) overrides it, 0 streaming every output (as the tests do, to cover
-// the path on small tensors).
-constexpr int64_t kStreamMinBytes = int64_t(32) << 20;
+// The outputs of the elementwise passes: y (the normalized input) and dx (the input gradient).
+enum class Output { kNormalized, kGradInput };
 
-int64_t stream_min_bytes() {
-  static const int64_t bytes = [] {
-    const char* env = std::getenv("BN_CUDA_CPU_STREAM_MB");
-    return env != nullptr ? std::max<int64_t>(0, std::atoll(env)) << 20 : kStreamMinBytes;
-  }();
-  return bytes;
+// y of at least this many bytes is written with non-temporal stores: a plain store first reads
+// its line into the cache, a third of an elementwise pass's memory traffic, and an output larger
+// than the last-level cache (32 MB on the machine measured) has left it before the next layer
+// reads it anyway. A smaller one is worth keeping: 2 threads, training forward followed by an
+// in-place ReLU of y, 32x64x56x56 float32 (25.7 MB) ~2.0 ms plain, ~2.5 ms streamed (the op
+// alone about equal); 32x128x56x56 (51 MB) ~5.7 ms plain, ~5.1 ms streamed.
+constexpr int64_t kStreamMinBytes = int64_t(32) << 20;
+// dx from this many bytes on: its reader is the backward of the layer before, in a CNN a
+// convolution's, which spends far longer computing than reading dx, so a dx kept in cache buys
+// little there, while the backward itself pays for the line reads of plain stores. Float, 2
+// threads, against dx from 32 MiB (bench/results/cpu-amd-epyc-2t/builds/stream-grad-input.md, one
+// process, interleaved): channels-last at 12.8 and 25.7 MB backward 1.05-1.14x as fast, module
+// forward+backward 0.96-1.11x; channels-first 1.21-1.38x at 25.7 MB, 1.00-1.01x at 12.8 MB.
+// Streaming dx of 6.4 MB was even, of 3.2 MB 11% slower.
+constexpr int64_t kStreamGradInputMinBytes = int64_t(8) << 20;
+
+// BN_CUDA_CPU_STREAM_MB (MiB) overrides both bounds, 0 streaming every output (as the tests do,
+// to cover the path on small tensors). Read on every call (a fraction of a microsecond), so that
+// bench/op_time.py --ab can compare settings call by call in one process.
+int64_t stream_min_bytes(Output output) {
+  const char* env = std::getenv("BN_CUDA_CPU_STREAM_MB");
+  if (env != nullptr) return std::max<int64_t>(0, std::atoll(env)) << 20;
+  return output == Output::kGradInput ? kStreamGradInputMinBytes : kStreamMinBytes;
 }
 
-// Whether the output of an elementwise pass over v (as large as x) is written with non-temporal
+// Whether `output` of an elementwise pass over v (as large as x) is written with non-temporal
 // stores: large enough, and its runs (channels-last rows, channels-first planes) whole 64-byte
 // lines, so that streamed and plain stores never share a line (a partly written line leaves the
 // write-combining buffer as a slower partial write).
-bool streams_output(const ChannelView& v) {
+bool streams_output(const ChannelView& v, Output output) {
   const int64_t element = static_cast<int64_t>(v.x.element_size());
   const int64_t run = (v.channels_last ? v.C : v.L) * element;
-  return run % 64 == 0 && v.x.numel() * element >= stream_min_bytes();
+  return run % 64 == 0 && v.x.numel() * element >= stream_min_bytes(output);
 }
 
 // Whether a pass that re-reads x right after a full read of it (training forward's
@@ -633,21 +643,21 @@ std::vector<acc_t> folded_offsets(const acc_t* mean, const acc_t* invstd, const 
 }
 
 // out = op over every row of a channels-last view (per group of RowSplit), reading a (and b where
-// kHasB) at out's offsets; streamed where streams_output(v). `backward` as in for_each_group: such
-// a pass re-reads what the pass before it read, through map_cached_rows where that sits in the
-// caches (rereads_from_cache), else map_segments.
+// kHasB) at out's offsets; streamed where streams_output(v, output). `backward` as in
+// for_each_group: such a pass re-reads what the pass before it read, through map_cached_rows
+// where that sits in the caches (rereads_from_cache), else map_segments.
 template <bool kHasB, typename scalar_t, typename Op>
 void map_rows_nlc(const scalar_t* a, const scalar_t* b, scalar_t* out, const ChannelView& v, const Op& op,
-                  bool backward) {
+                  Output output, bool backward) {
   const int64_t C = v.C;
   const RowSplit split(v);
-  const bool stream = streams_output(v);
-  const bool cached = backward && !stream && rereads_from_cache(v);
+  const bool stream = streams_output(v, output);
+  const bool cached = backward && rereads_from_cache(v);
   for_each_group(split, backward, [&](int64_t g) {
     const int64_t o = split.begin(g) * C;
     const int64_t rows = split.end(g) - split.begin(g);
     if (cached) {
-      map_cached_rows<kHasB>(a + o, kHasB ? b + o : b, out + o, rows, C, op);
+      map_cached_rows<kHasB>(a + o, kHasB ? b + o : b, out + o, rows, C, op, stream);
     } else {
       map_segments<kHasB>(a + o, kHasB ? b + o : b, out + o, C, rows, C, op, stream);
     }
@@ -666,16 +676,17 @@ void affine_nlc(const scalar_t* x, scalar_t* y, const ChannelView& v, const acc_
       !std::is_same_v<scalar_t, acc_t> || 3 * C * static_cast<int64_t>(sizeof(acc_t)) > kManyChannelCoefBytes;
   const std::vector<acc_t> offset = fold ? folded_offsets(mean, invstd, scale, shift, C) : std::vector<acc_t>{};
   if (!offset.empty()) {
-    map_rows_nlc<false>(x, x, y, v, scale_offset_op(PerLane<acc_t>{scale}, PerLane<acc_t>{offset.data()}), backward);
+    map_rows_nlc<false>(x, x, y, v, scale_offset_op(PerLane<acc_t>{scale}, PerLane<acc_t>{offset.data()}),
+                        Output::kNormalized, backward);
   } else {
     map_rows_nlc<false>(x, x, y, v, affine_op(PerLane<acc_t>{mean}, PerLane<acc_t>{scale}, PerLane<acc_t>{shift}),
-                        backward);
+                        Output::kNormalized, backward);
   }
 }
 
 // Channels-first y = (x - mean) * scale + shift over the (n, c) planes s in [s0, s1), or
 // y = x * scale + offset where offset is not null (folded, see kFoldMeanStd); coefficients
-// indexed by channel. `stream`: streams_output(v), decided once by the caller.
+// indexed by channel. `stream`: streams_output(v, Output::kNormalized), decided once by the caller.
 template <typename scalar_t, typename acc_t>
 void affine_planes(const scalar_t* x, scalar_t* y, const ChannelView& v, int64_t s0, int64_t s1, const acc_t* mean,
                    const acc_t* scale, const acc_t* shift, const acc_t* offset, bool stream) {
@@ -706,7 +717,7 @@ void affine_ncl(const scalar_t* x, scalar_t* y, const ChannelView& v, const acc_
                                         ? std::vector<acc_t>{}
                                         : folded_offsets(mean, invstd, scale, shift, v.C);
   const acc_t* offset_p = offset.empty() ? nullptr : offset.data();
-  const bool stream = streams_output(v);
+  const bool stream = streams_output(v, Output::kNormalized);
   at::parallel_for(0, v.N * v.C, grain, [&](int64_t s0, int64_t s1) {
     affine_planes(x, y, v, s0, s1, mean, scale, shift, offset_p, stream);
   });
@@ -817,7 +828,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_train(const a
     // Float16/bfloat16 fold each channel that allows it (see kFoldMeanStd): center 0 and the
     // folded offset as shift, which rounds exactly as x * scale + offset.
     std::vector<acc_t> centers(v.C), scales(v.C), shifts(v.C);
-    const bool stream = streams_output(v);
+    const bool stream = streams_output(v, Output::kNormalized);
     at::parallel_for(0, v.C, channel_grain(v), [&](int64_t c0, int64_t c1) {
       // Sets channel c's mean, var, invstd and coefficients from its state; returns whether it
       // folds.
@@ -989,7 +1000,7 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_output
 }
 
 // Channels-first dx (see grad_input_op) over the (n, c) planes s in [s0, s1); coefficients
-// indexed by channel. `stream`: streams_output(v), decided once by the caller.
+// indexed by channel. `stream`: streams_output(v, Output::kGradInput), decided once by the caller.
 template <bool kUsesX, typename scalar_t, typename acc_t>
 void grad_input_planes(const scalar_t* x, const scalar_t* g, scalar_t* out, const ChannelView& v, int64_t s0,
                        int64_t s1, const acc_t* mean, const acc_t* a, const acc_t* k, const acc_t* s, bool stream) {
@@ -1040,7 +1051,7 @@ bool folded_grad_input_nlc(const ChannelView& v, const scalar_t* x, const scalar
   }
   map_rows_nlc<true>(x, g, out, v,
                      folded_grad_input_op(PerLane<acc_t>{s}, PerLane<acc_t>{q.data()}, PerLane<acc_t>{r.data()}),
-                     backward);
+                     Output::kGradInput, backward);
   return true;
 }
 
@@ -1057,12 +1068,13 @@ void grad_input(const ChannelView& v, const at::Tensor& dy, const at::Tensor& dx
                                           PerLane<acc_t>{s});
     // Eval statistics read only dy: it goes in the first slot.
     if constexpr (kUsesX) {
-      map_rows_nlc<true>(x, g, out, v, op, backward);
+      map_rows_nlc<true>(x, g, out, v, op, Output::kGradInput, backward);
     } else {
-      map_rows_nlc<false>(g, g, out, v, [&](int64_t i, auto gi, auto) { return op(i, gi, gi); }, backward);
+      map_rows_nlc<false>(g, g, out, v, [&](int64_t i, auto gi, auto) { return op(i, gi, gi); }, Output::kGradInput,
+                          backward);
     }
   } else {
-    const bool stream = streams_output(v);
+    const bool stream = streams_output(v, Output::kGradInput);
     const int64_t grain = std::max<int64_t>(1, kElementwiseGrain / v.L);
     at::parallel_for(0, v.N * v.C, grain, [&](int64_t s0, int64_t s1) {
       grad_input_planes<kUsesX>(x, g, out, v, s0, s1, mean, a, k, s, stream);
@@ -1137,7 +1149,7 @@ void fused_backward_ncl(const ChannelView& v, const at::Tensor& dy, const at::Te
       k[c] = invstd_p[c] * invstd_p[c] * static_cast<acc_t>(sdx[c] * inv_count);
       s[c] = invstd_p[c] * w_p[c];
     };
-    const bool stream = streams_output(v);
+    const bool stream = streams_output(v, Output::kGradInput);
     at::parallel_for(0, v.C, channel_grain(v), [&](int64_t c0, int64_t c1) {
       if (v.L < kMemoryOrderBackwardPlane) {
         // Sums in memory order, then dx image by image from the last, whose planes the sums read

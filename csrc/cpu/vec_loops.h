@@ -29,7 +29,8 @@
 // and converts half <-> float with F16C's single instructions (~4x less work per value than the
 // integer sequence the baseline needs). Results may differ between the two in the last bit
 // where v3 fuses a multiply and an add into one FMA. Only the v3 version writes large outputs
-// with non-temporal stores (map_segments, map_planes); the baseline keeps plain stores.
+// with non-temporal stores (map_segments, map_planes, map_cached_rows); the baseline keeps plain
+// stores.
 // 32-byte vector arguments and results have a different ABI with and without AVX, so a function
 // that takes or returns one must never be called across ISAs: the operations (lambdas) and the
 // coefficient accessors (Scalar/PerLane::at) are forced inline into the loops that use them
@@ -401,32 +402,34 @@ constexpr int64_t kCachedRowsPrefetchBytes = 1024;
 // between a layer's forward and its backward, which then reads x from memory either way.
 // PREFETCHT2 for the forward kept x but bought only ~5% there (bench rows at 12.8 MB: 1.01-1.08x
 // of eager against 1.29-1.39x with NTA, bench/results/cpu-amd-epyc-2t/forward-prefetch-hint). Where x comes from memory the hint was 5-10% slower,
-// which is why only a pass that re-reads takes this loop.
-template <Isa kIsa, bool kHasB, typename scalar_t, typename Op>
+// which is why only a pass that re-reads takes this loop. kStream: rows that start on a 64-byte
+// line of out are written by non-temporal stores (the backward's dx of 8 to 16 MiB, see
+// kStreamGradInputMinBytes in batch_norm.cpp), which leave the caches to the x and dy re-read.
+template <Isa kIsa, bool kHasB, bool kStream, typename scalar_t, typename Op>
 BN_CUDA_CPU_INLINE void map_cached_rows_body(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t rows,
                                              int64_t n, const Op& op) {
   constexpr int64_t distance = kCachedRowsPrefetchBytes / static_cast<int64_t>(sizeof(scalar_t));
   const int64_t prefetch_end = rows * n - distance;
+  const auto prefetch = [&](int64_t i) __attribute__((always_inline)) {
+    if (i < prefetch_end) {
+      __builtin_prefetch(a + i + distance, 0, 0);
+      if constexpr (kHasB) __builtin_prefetch(b + i + distance, 0, 0);
+    }
+  };
   for (int64_t o = 0; o < rows * n; o += n) {
-    map_run<kIsa, kHasB, false>(a + o, b + o, out + o, n, op, [&](int64_t i) __attribute__((always_inline)) {
-      if (o + i < prefetch_end) {
-        __builtin_prefetch(a + o + i + distance, 0, 0);
-        if constexpr (kHasB) __builtin_prefetch(b + o + i + distance, 0, 0);
-      }
-    });
+    const auto step_hook = [&](int64_t i) __attribute__((always_inline)) { prefetch(o + i); };
+    // Streamed rows as in map_segments_body: those that start on a 64-byte line of out.
+    if (kStream && reinterpret_cast<uintptr_t>(out + o) % 64 == 0) {
+      map_run<kIsa, kHasB, kStream>(a + o, b + o, out + o, n, op, step_hook);
+    } else {
+      map_run<kIsa, kHasB, false>(a + o, b + o, out + o, n, op, step_hook);
+    }
   }
 }
 
-template <bool kHasB, typename scalar_t, typename Op>
-void map_cached_rows(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t rows, int64_t n, const Op& op) {
-  run_selected([&](auto isa) __attribute__((always_inline)) {
-    const Op op_ = op;  // a local copy stays in registers across the stores (see map_planes)
-    map_cached_rows_body<decltype(isa)::value, kHasB>(a, b, out, rows, n, op_);
-  });
-}
-
-// Orders the non-temporal stores of a streaming map (map_segments, map_planes) before the stores
-// that follow (the end of a parallel task), so that whoever reads the output next sees them.
+// Orders the non-temporal stores of a streaming map (map_segments, map_planes, map_cached_rows)
+// before the stores that follow (the end of a parallel task), so that whoever reads the output
+// next sees them.
 BN_CUDA_CPU_INLINE void stream_fence() {
 #if BN_CUDA_CPU_DISPATCH
   asm volatile("sfence" ::: "memory");
@@ -446,6 +449,19 @@ BN_CUDA_CPU_INLINE void with_stream(bool stream, const Body& body) {
     }
   }
   body(std::false_type{});
+}
+
+// `stream` as in map_segments below (callers stream whole-line rows only).
+template <bool kHasB, typename scalar_t, typename Op>
+void map_cached_rows(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t rows, int64_t n, const Op& op,
+                     bool stream) {
+  run_selected([&](auto isa) __attribute__((always_inline)) {
+    constexpr Isa kIsa = decltype(isa)::value;
+    const Op op_ = op;  // a local copy stays in registers across the stores (see map_planes)
+    with_stream<kIsa>(stream, [&](auto streamed) __attribute__((always_inline)) {
+      map_cached_rows_body<kIsa, kHasB, decltype(streamed)::value>(a, b, out, rows, n, op_);
+    });
+  });
 }
 
 // `stream`: write out with non-temporal stores where the CPU runs the x86-64-v3 loops (for an
