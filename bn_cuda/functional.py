@@ -210,10 +210,13 @@ def batch_norm_impl(
         return input.clone()
     if _function_transforms_active():
         output, mean, var = _batch_norm_by_aten_ops(input, running_mean, running_var, weight, bias, training, eps)
-        if not training:
-            return output
-        mean, var = mean.detach(), var.detach()
-    elif not training:
+        if training:
+            count = input.numel() // input.shape[1]
+            _track_batch_by_aten_ops(
+                running_mean, running_var, mean.detach(), var.detach(), count, momentum, num_batches_tracked
+            )
+        return output
+    if not training:
         return torch.ops.bn_cuda.forward_eval(input, running_mean, running_var, weight, bias, eps)
     else:
         output, mean, _, var = torch.ops.bn_cuda.forward_train(input, weight, bias, eps)
@@ -261,6 +264,30 @@ def _batch_norm_by_aten_ops(
     if bias is not None:
         y = y + bias.to(acc).view(shape)
     return y.to(input.dtype), mean, var
+
+
+def _track_batch_by_aten_ops(
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: float | None,
+    num_batches_tracked: Tensor | None,
+) -> None:
+    """track_batch as ATen ops, for calls under function transforms: vmap batches these over
+    stacked buffers (model ensembling: torch.func.stack_module_state and functional_call), as it
+    does nn.BatchNorm's update, where the update_running_stats op has no batching rule."""
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if running_mean is None or running_var is None:
+        return
+    factor = momentum
+    if factor is None:  # cumulative average, as track_batch's
+        factor = 1.0 / num_batches_tracked if num_batches_tracked is not None else 0.0
+    unbiased_var = var * (count / (count - 1))
+    running_mean.copy_(mean * factor + running_mean * (1 - factor))
+    running_var.copy_(unbiased_var * factor + running_var * (1 - factor))
 
 
 def track_batch(

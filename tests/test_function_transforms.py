@@ -8,7 +8,16 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from conftest import DEVICES
 from torch import nn
-from torch.func import functional_call, grad, hessian, jacrev, jvp, replace_all_batch_norm_modules_, vmap
+from torch.func import (
+    functional_call,
+    grad,
+    hessian,
+    jacrev,
+    jvp,
+    replace_all_batch_norm_modules_,
+    stack_module_state,
+    vmap,
+)
 
 import bn_cuda
 import bn_cuda.functional as BF
@@ -165,6 +174,36 @@ def test_vmap_training_with_running_statistics_raises_like_nn(device):
             vmap(module)(xs)
         errors.append(info.value)
     assert type(errors[1]) is type(errors[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_vmap_over_stacked_models_in_training(momentum, device):
+    """Model ensembling (stack_module_state, functional_call under vmap) in training: each model's
+    output, running statistics and counter as nn's module gives for that model alone (nn's own
+    modules take this path too, with a momentum)."""
+    refs, mines = [], []
+    for seed in range(2):
+        ref, mine = make_pair("2d", device, momentum=momentum)
+        with torch.no_grad():
+            for module in (ref, mine):
+                module.weight.mul_(1 + seed)
+                module.running_mean.add_(seed)
+                module.num_batches_tracked.fill_(3 + seed)
+        refs.append(ref)
+        mines.append(mine)
+    x = inputs("2d", device)
+    params, buffers = stack_module_state(mines)
+    base = bn_cuda.BatchNorm2d(3, momentum=momentum, device="meta", dtype=torch.float64)
+
+    def run(p, b, x):
+        return functional_call(base, (p, b), (x,))
+
+    out = vmap(run, in_dims=(0, 0, None))(params, buffers, x)
+    for i, ref in enumerate(refs):
+        torch.testing.assert_close(out[i], ref(x))
+        for name, expected in ref.named_buffers():
+            torch.testing.assert_close(buffers[name][i], expected, msg=name)
 
 
 @pytest.mark.parametrize("device", DEVICES)
