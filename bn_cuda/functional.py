@@ -6,6 +6,8 @@ before anything is computed or updated, so a call that fails changes no tensor.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
@@ -42,6 +44,14 @@ def _check_dtypes(input: Tensor, params: dict[str, Tensor | None], training: boo
         p = params[name]
         if p is not None and p.dtype != input.dtype:
             raise RuntimeError(f"expected scalar type {_dtype_name(input.dtype)} but found {_dtype_name(p.dtype)}")
+
+
+def _type_name(value: object) -> str:
+    """The type name PyTorch's argument errors print (CPython's tp_name): the bare name for
+    built-in and Python-defined classes, module-qualified for compiled ones ("numpy.bool")."""
+    cls = type(value)
+    heap_type = bool(cls.__flags__ & (1 << 9))  # Py_TPFLAGS_HEAPTYPE
+    return cls.__name__ if heap_type or cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__name__}"
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -129,7 +139,7 @@ def check_batch_norm_args(
     for position, (name, t) in enumerate(arguments, start=1):
         if t is not None and not isinstance(t, Tensor):
             raise TypeError(
-                f"batch_norm(): argument '{name}' (position {position}) must be Tensor, not {type(t).__name__}"
+                f"batch_norm(): argument '{name}' (position {position}) must be Tensor, not {_type_name(t)}"
             )
     if training and input.dim() >= 1:
         size = input.size()
@@ -351,7 +361,15 @@ def batch_norm(
     Parameters and running statistics share one dtype: the input's, or float32 for float16 and
     bfloat16 input.
     """
-    if not isinstance(momentum, (int, float)):
-        # None is nn.BatchNorm's cumulative-average switch, not a value the functional form takes.
-        raise TypeError(f"batch_norm(): argument 'momentum' (position 7) must be float, not {type(momentum).__name__}")
+    # The argument types torch.batch_norm's parser takes: a bool for training; for momentum a real
+    # number (NumPy's included) or a 0-dim tensor that does not require grad. None is
+    # nn.BatchNorm's cumulative-average switch, not a value the functional form takes.
+    if not isinstance(training, bool):
+        raise TypeError(f"batch_norm(): argument 'training' (position 6) must be bool, not {_type_name(training)}")
+    if isinstance(momentum, Tensor) and momentum.dim() == 0 and not momentum.requires_grad:
+        momentum = momentum.item()
+    elif isinstance(momentum, numbers.Real) and not isinstance(momentum, (int, float)):
+        momentum = float(momentum)
+    elif not isinstance(momentum, (int, float)):
+        raise TypeError(f"batch_norm(): argument 'momentum' (position 7) must be float, not {_type_name(momentum)}")
     return batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps)

@@ -10,6 +10,7 @@ its checks; bn_cuda does not).
 import itertools
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -567,6 +568,41 @@ def test_functional_momentum_none(device):
     before = snapshot([rm, rv])
     with pytest.raises(type(expected), match="momentum"):
         BF.batch_norm(x.to(device), rm, rv, training=True, momentum=None)
+    assert_unchanged(before, [rm, rv])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "momentum",
+    [
+        pytest.param(lambda: np.float32(0.3), id="numpy-float32"),
+        pytest.param(lambda: np.int64(0), id="numpy-int64"),
+        pytest.param(lambda: torch.tensor(0.3, dtype=torch.float64), id="0-dim-tensor"),
+    ],
+)
+def test_functional_momentum_types_torch_takes(momentum, device):
+    """The momentum values torch.batch_norm's argument parser takes besides float: NumPy real
+    scalars and 0-dim tensors; the running statistics move as PyTorch moves them."""
+    x = torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = stats(3)
+    expected = [t.double() for t in expected]
+    F.batch_norm(x, *expected, training=True, momentum=momentum())
+    rm, rv = (t.double() for t in stats(3, device))
+    BF.batch_norm(x.to(device), rm, rv, training=True, momentum=momentum())
+    torch.testing.assert_close(rm.cpu(), expected[0])
+    torch.testing.assert_close(rv.cpu(), expected[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [None, 1, torch.tensor(True), np.bool_(True)], ids=repr)
+def test_functional_training_must_be_bool(training, device):
+    """torch.batch_norm takes only a bool for training; None, ints, tensors and NumPy bools are
+    type errors, not modes."""
+    x = torch.randn(2, 3, 4)
+    expected = torch_error(lambda: F.batch_norm(x, *stats(3), training=training))
+    rm, rv = stats(3, device)
+    before = snapshot([rm, rv])
+    assert_raises_like(expected, lambda: BF.batch_norm(x.to(device), rm, rv, training=training))
     assert_unchanged(before, [rm, rv])
 
 
