@@ -146,6 +146,30 @@ def test_torchscript_matches_nn(kind, kwargs, device):
         assert int(scripted.num_batches_tracked) == len(BATCHES[kind])
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(
+    "module_dtype, input_dtype",
+    [(torch.float32, torch.float64), (torch.float16, torch.float32), (torch.float64, torch.float32)],
+    ids=str,
+)
+def test_torchscript_refuses_mixed_dtypes_as_nn(module_dtype, input_dtype, training):
+    """Scripted, the dtype rules are nn's too (the ops alone would convert the parameters), with
+    nn's message; nn's comes from its kernel as a RuntimeError, bn_cuda's from scripted code as a
+    torch.jit.Error (README). float32 parameters with bfloat16 input pass, as in nn."""
+    x = torch.randn(4, 3, 4, 4)
+    errors = []
+    for cls, error_type in ((nn.BatchNorm2d, RuntimeError), (bn_cuda.BatchNorm2d, torch.jit.Error)):
+        module = script(cls(3).to(module_dtype))
+        module.train(training)
+        with pytest.raises(error_type) as info:
+            module(x.to(input_dtype))
+        errors.append(str(info.value).strip().splitlines()[-1].split("RuntimeError: ")[-1])
+    assert errors[1] == errors[0] and errors[0].startswith("mixed dtype (CPU)")
+    mine = script(bn_cuda.BatchNorm2d(3)).train(training)
+    ref = script(nn.BatchNorm2d(3)).train(training)
+    torch.testing.assert_close(mine(x.bfloat16()), ref(x.bfloat16()))
+
+
 def test_torchscript_of_a_converted_model():
     """A model converted with convert_model and then scripted gives the unconverted model's
     outputs and running statistics."""
@@ -235,6 +259,34 @@ def test_input_dim_checks_as_nn():
         bn_cuda.BatchNorm1d(3)(torch.randn(2, 3, 4, 4))
     with pytest.raises(ValueError, match="expected 5D input"):
         bn_cuda.BatchNorm3d(3)(torch.randn(2, 3, 4, 4))
+
+
+class _AnyRankCheck:
+    """A replacement input check as a subclass might write: (N, C, L) accepted too."""
+
+    def _check_input_dim(self, input):
+        if input.dim() not in (3, 4):
+            raise ValueError(f"expected 3D or 4D input (got {input.dim()}D input)")
+
+
+@pytest.mark.parametrize("how", ["subclass", "instance"])
+def test_replaced_input_dim_check_decides(how):
+    """nn.BatchNorm's forward calls self._check_input_dim, so a replacement (a subclass's, or one
+    set on the instance) decides which inputs pass: for bn_cuda's modules as for nn's."""
+    modules = []
+    for cls in (nn.BatchNorm2d, bn_cuda.BatchNorm2d):
+        if how == "subclass":
+            module = type("AnyRank", (_AnyRankCheck, cls), {})(3)
+        else:
+            module = cls(3)
+            module._check_input_dim = lambda input, module=module: _AnyRankCheck._check_input_dim(module, input)
+        modules.append(module)
+    x3 = batch((4, 3, 5), "cpu", seed=0)
+    torch.testing.assert_close(modules[1](x3), modules[0](x3))
+    torch.testing.assert_close(modules[1].running_mean, modules[0].running_mean)
+    for module in modules:
+        with pytest.raises(ValueError, match="expected 3D or 4D input"):
+            module(torch.randn(2, 3, 4, 4, 4))
 
 
 @pytest.mark.parametrize("device", DEVICES)
