@@ -329,3 +329,36 @@ def test_state_dict_from_bn_cuda_to_torch(device, momentum):
     m.train()
     torch.testing.assert_close(ref(x), m(x))
     assert_same_state(m, ref)
+
+
+# ---- activation checkpointing -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing(use_reentrant, device):
+    """torch.utils.checkpoint recomputes the forward in the backward. Non-reentrant (PyTorch's
+    recommended form) stops that recomputation once the backward has what it needs, before the
+    running statistics would move: a step leaves them, the counter and the gradients as a step
+    without checkpointing does (README, "on purpose": nn.BatchNorm moves them in its kernel, so
+    twice). Reentrant recomputes the whole call, so both move them twice, nn's as bn_cuda's."""
+    ref, plain = pair(device)
+    _, checkpointed = pair(device)
+    x = batches(1, (3, 4, 3, 3), device)[0]
+    weights = torch.linspace(-1, 1, x.numel(), device=device).view_as(x)
+    grads = []
+    for module, checkpoint in ((plain, False), (checkpointed, True)):
+        xi = x.clone().requires_grad_()
+        y = torch.utils.checkpoint.checkpoint(module, xi, use_reentrant=use_reentrant) if checkpoint else module(xi)
+        (y * weights).sum().backward()
+        grads.append((xi.grad, module.weight.grad, module.bias.grad))
+    for got, expected in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, expected)
+    if use_reentrant:
+        xi = x.clone().requires_grad_()
+        (torch.utils.checkpoint.checkpoint(ref, xi, use_reentrant=True) * weights).sum().backward()
+        assert int(checkpointed.num_batches_tracked) == 2
+        assert_same_state(checkpointed, ref)
+    else:
+        assert int(checkpointed.num_batches_tracked) == 1
+        assert_same_state(checkpointed, plain)
