@@ -19,31 +19,70 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16
 _REDUCED_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _check_dtypes(input: Tensor, params: dict[str, Tensor | None], training: bool) -> None:
+def check_param_dtypes(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+) -> None:
     """PyTorch's dtype rules and messages. Parameters (weight, bias, running stats) share one
-    dtype: the input's, or float32 for float16/bfloat16 input."""
-    order = ("weight", "bias", "running_mean", "running_var")
-    present = [params[name] for name in order if params[name] is not None]
-    if not present:
-        return
+    dtype: the input's, or float32 for float16/bfloat16 input. Written in the Python subset that
+    TorchScript compiles: the scripted module forward calls it too."""
     where = "CUDA" if input.is_cuda else "CPU"
+    present: list[Tensor] = []
+    for p in [weight, bias, running_mean, running_var]:
+        if p is not None:
+            present.append(p)
+    if len(present) == 0:
+        return
     if present[0].dtype != input.dtype:
         # Parameters in another dtype than the input: only float32 ones, with reduced input.
-        if any(p.dtype != torch.float32 for p in present):
-            raise RuntimeError(f"mixed dtype ({where}): expect parameter to have scalar type of Float")
-        if input.dtype not in _REDUCED_DTYPES:
-            raise RuntimeError(f"mixed dtype ({where}): all inputs must share same datatype.")
+        for p in present:
+            if p.dtype != torch.float32:
+                raise RuntimeError("mixed dtype (" + where + "): expect parameter to have scalar type of Float")
+        if input.dtype != torch.float16 and input.dtype != torch.bfloat16:
+            raise RuntimeError("mixed dtype (" + where + "): all inputs must share same datatype.")
         return
     # PyTorch reports the first parameter not in the input's dtype, in the order its kernel reads them.
-    check_order = (
-        ("weight", "running_mean", "running_var", "bias")
-        if training
-        else ("weight", "bias", "running_mean", "running_var")
-    )
-    for name in check_order:
-        p = params[name]
+    ordered = [weight, running_mean, running_var, bias] if training else [weight, bias, running_mean, running_var]
+    for p in ordered:
         if p is not None and p.dtype != input.dtype:
-            raise RuntimeError(f"expected scalar type {_dtype_name(input.dtype)} but found {_dtype_name(p.dtype)}")
+            raise RuntimeError("expected scalar type " + dtype_name(input.dtype) + " but found " + dtype_name(p.dtype))
+
+
+_DTYPE_NAMES = {
+    torch.float32: "Float",
+    torch.float64: "Double",
+    torch.float16: "Half",
+    torch.bfloat16: "BFloat16",
+    torch.uint8: "Byte",
+    torch.int8: "Char",
+    torch.int16: "Short",
+    torch.int32: "Int",
+    torch.int64: "Long",
+    torch.bool: "Bool",
+    torch.complex32: "ComplexHalf",
+    torch.complex64: "ComplexFloat",
+    torch.complex128: "ComplexDouble",
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name PyTorch's error messages give a dtype ("Float", "Long", "ComplexFloat", ...)."""
+    if not torch.jit.is_scripting():
+        return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    # TorchScript takes no dict of dtypes: the floating types (a module's parameters and buffers).
+    if dtype == torch.float32:
+        return "Float"
+    if dtype == torch.float64:
+        return "Double"
+    if dtype == torch.float16:
+        return "Half"
+    if dtype == torch.bfloat16:
+        return "BFloat16"
+    return "another type"
 
 
 def _type_name(value: object) -> str:
@@ -52,28 +91,6 @@ def _type_name(value: object) -> str:
     cls = type(value)
     heap_type = bool(cls.__flags__ & (1 << 9))  # Py_TPFLAGS_HEAPTYPE
     return cls.__name__ if heap_type or cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__name__}"
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32: "Float", torch.float64: "Double"}.get(
-        dtype, str(dtype).replace("torch.", "")
-    )
-
-
-def _dtype_label(dtype: torch.dtype) -> str:
-    # The names PyTorch's dispatch errors use ("Long", "Bool", "ComplexFloat", ...).
-    labels = {
-        torch.uint8: "Byte",
-        torch.int8: "Char",
-        torch.int16: "Short",
-        torch.int32: "Int",
-        torch.int64: "Long",
-        torch.bool: "Bool",
-        torch.complex64: "ComplexFloat",
-        torch.complex128: "ComplexDouble",
-        torch.complex32: "ComplexHalf",
-    }
-    return labels.get(dtype, _dtype_name(dtype))
 
 
 def _plainly_valid(
@@ -155,7 +172,7 @@ def check_batch_norm_args(
             return  # PyTorch passes an empty 0-D/1-D input through (batch_norm_impl returns it)
         raise ValueError(f"expected at least 2D input (N, C, ...) (got {input.dim()}D input)")
     if input.dtype not in _SUPPORTED_DTYPES:
-        raise NotImplementedError(f"\"batch_norm\" not implemented for '{_dtype_label(input.dtype)}'")
+        raise NotImplementedError(f"\"batch_norm\" not implemented for '{dtype_name(input.dtype)}'")
     channels = input.shape[1]
     if channels == 0:
         raise ValueError(
@@ -180,7 +197,7 @@ def check_batch_norm_args(
                 "Expected all tensors to be on the same device, but found at least two devices, "
                 f"{input.device} and {t.device}! ({name})"
             )
-    _check_dtypes(input, params, training)
+    check_param_dtypes(input, weight, bias, running_mean, running_var, training)
     if torch.is_grad_enabled():
         for name in ("running_mean", "running_var"):
             if params[name] is not None and params[name].requires_grad:

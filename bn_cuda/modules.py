@@ -22,7 +22,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import batch_norm_impl, track_batch
+from .functional import batch_norm_impl, check_param_dtypes, track_batch
 from .sync_batchnorm import SyncBatchNorm
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_model", "revert_model"]
@@ -69,50 +69,6 @@ def module_batch_norm(
 torch.fx.wrap("module_batch_norm")
 
 
-def _dtype_name_scripted(dtype: torch.dtype) -> str:
-    if dtype == torch.float16:
-        return "Half"
-    if dtype == torch.bfloat16:
-        return "BFloat16"
-    if dtype == torch.float32:
-        return "Float"
-    if dtype == torch.float64:
-        return "Double"
-    return "a non-float type"
-
-
-def _check_dtypes_scripted(
-    input: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    training: bool,
-) -> None:
-    """functional._check_dtypes (PyTorch's dtype rules and messages) in TorchScript's subset of
-    Python, for the scripted forward: the ops convert parameters to the acc dtype and would accept
-    a mix that PyTorch refuses."""
-    where = "CUDA" if input.is_cuda else "CPU"
-    present: list[Tensor] = []
-    for p in [weight, bias, running_mean, running_var]:
-        if p is not None:
-            present.append(p)
-    if len(present) == 0:
-        return
-    if present[0].dtype != input.dtype:
-        for p in present:
-            if p.dtype != torch.float32:
-                raise RuntimeError("mixed dtype (" + where + "): expect parameter to have scalar type of Float")
-        if input.dtype != torch.float16 and input.dtype != torch.bfloat16:
-            raise RuntimeError("mixed dtype (" + where + "): all inputs must share same datatype.")
-        return
-    ordered = [weight, running_mean, running_var, bias] if training else [weight, bias, running_mean, running_var]
-    for p in ordered:
-        if p is not None and p.dtype != input.dtype:
-            expected, found = _dtype_name_scripted(input.dtype), _dtype_name_scripted(p.dtype)
-            raise RuntimeError("expected scalar type " + expected + " but found " + found)
-
-
 # nn's own input-dimension checks, which the forward's built-in check stands for.
 _NN_INPUT_CHECKS = tuple(cls._check_input_dim for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
 
@@ -137,7 +93,7 @@ class _BatchNormForward:
         use_buffers = not self.training or self.track_running_stats
         running_mean = self.running_mean if use_buffers else None
         running_var = self.running_var if use_buffers else None
-        _check_dtypes_scripted(input, self.weight, self.bias, running_mean, running_var, bn_training)
+        check_param_dtypes(input, self.weight, self.bias, running_mean, running_var, bn_training)
         if not bn_training:
             if running_mean is None or running_var is None:
                 raise RuntimeError("running_mean and running_var must be defined in evaluation mode")

@@ -354,6 +354,7 @@ REJECTED_DTYPES = [
     (torch.float32, torch.float32, torch.float32, torch.float64, torch.float64),
     (torch.float32, None, None, torch.float64, torch.float64),
     (torch.float32, None, None, torch.int64, torch.int64),
+    (torch.float32, torch.float32, None, torch.int64, torch.int64),  # "... but found Long"
     (torch.float16, torch.float16, torch.float16, torch.float32, torch.float32),
     (torch.float16, None, None, torch.float64, torch.float64),
     (torch.float16, torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.bfloat16),
