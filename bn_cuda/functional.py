@@ -239,8 +239,15 @@ def batch_norm_impl(
         output, mean, var = _batch_norm_by_aten_ops(input, running_mean, running_var, weight, bias, training, eps)
         if training:
             count = input.numel() // input.shape[1]
-            _track_batch_by_aten_ops(
-                running_mean, running_var, mean.detach(), var.detach(), count, momentum, num_batches_tracked
+            track_batch(
+                running_mean,
+                running_var,
+                mean.detach(),
+                var.detach(),
+                count,
+                momentum,
+                num_batches_tracked,
+                by_aten_ops=True,
             )
         return output
     if not training:
@@ -293,25 +300,12 @@ def _batch_norm_by_aten_ops(
     return y.to(input.dtype), mean, var
 
 
-def _track_batch_by_aten_ops(
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    mean: Tensor,
-    var: Tensor,
-    count: int,
-    momentum: float | None,
-    num_batches_tracked: Tensor | None,
+def _blend_by_aten_ops(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: int, factor: float | Tensor
 ) -> None:
-    """track_batch as ATen ops, for calls under function transforms: vmap batches these over
-    stacked buffers (model ensembling: torch.func.stack_module_state and functional_call), as it
-    does nn.BatchNorm's update, where the update_running_stats op has no batching rule."""
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-    if running_mean is None or running_var is None:
-        return
-    factor = momentum
-    if factor is None:  # cumulative average, as track_batch's
-        factor = 1.0 / num_batches_tracked if num_batches_tracked is not None else 0.0
+    """update_running_stats's blend as ATen ops, for calls under function transforms: vmap batches
+    these over stacked buffers (model ensembling: torch.func.stack_module_state and
+    functional_call), as it does nn.BatchNorm's update, where the op has no batching rule."""
     unbiased_var = var * (count / (count - 1))
     running_mean.copy_(mean * factor + running_mean * (1 - factor))
     running_var.copy_(unbiased_var * factor + running_var * (1 - factor))
@@ -326,12 +320,14 @@ def track_batch(
     momentum: float | None,
     num_batches_tracked: Tensor | None,
     count_tensor: Tensor | None = None,
+    by_aten_ops: bool = False,
 ) -> None:
     """A training step's bookkeeping once its batch statistics (mean, biased var) are known:
     ``num_batches_tracked`` (if given) counts the batch, then the running statistics (if given)
     move toward the batch's with ``momentum``, or cumulatively when it is None. ``count`` and
     ``count_tensor`` are the values per channel, as ``torch.ops.bn_cuda.update_running_stats``
-    takes them (``count_tensor``: a count known only on the device)."""
+    takes them (``count_tensor``: a count known only on the device). ``by_aten_ops``: the blend
+    by ATen ops instead of that op (calls under function transforms)."""
     # No no_grad() needed (it costs as much as the counter's add_): nothing here requires grad.
     # The counter is an integer buffer, running statistics that require grad were refused by the
     # checks, and the batch statistics are non-differentiable outputs.
@@ -341,6 +337,10 @@ def track_batch(
         return
     if momentum is None and num_batches_tracked is None:
         momentum = 0.0  # nn.BatchNorm's factor when it has no counter to average over
+    if by_aten_ops:
+        factor = momentum if momentum is not None else 1.0 / num_batches_tracked
+        _blend_by_aten_ops(running_mean, running_var, mean, var, count, factor)
+        return
     tracked = num_batches_tracked if momentum is None else None
     torch.ops.bn_cuda.update_running_stats(running_mean, running_var, mean, var, count, momentum, tracked, count_tensor)
 
