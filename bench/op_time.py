@@ -8,17 +8,17 @@ block is the one least disturbed by the other tenants of the machine).
 
     python -m bench.op_time 32x2048x7x7 nchw bfloat16 eval --threads 1
 
-`--ab NAME=VALUE` compares two settings of an environment variable that the kernels read on every
-call (BN_CUDA_CPU_STREAM_MB) in one process: rounds of blocks with the variable unset and set,
-alternating, so that both see the same machine; it prints the best of each and set/unset.
+`--ab-stream-mb MB` compares, in one process, the kernels' own bounds for writing outputs with
+non-temporal stores (y from 32 MiB, dx from 8 MiB) with both at MB MiB, as BN_CUDA_CPU_STREAM_MB=MB
+sets them: rounds of blocks under each setting, alternating (and which goes first), so that both
+see the same machine; it prints the best of each and MB's time over the default's.
 
-    python -m bench.op_time 32x512x14x14 nhwc float32 bwd --threads 2 --ab BN_CUDA_CPU_STREAM_MB=32
+    python -m bench.op_time 32x512x14x14 nhwc float32 bwd --threads 2 --ab-stream-mb 32
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
@@ -66,24 +66,22 @@ def best_us(call, reps: int) -> float:
     return best * 1e6
 
 
-def best_us_ab(call, reps: int, name: str, value: str, rounds: int = 8) -> tuple[float, float]:
-    """Best times with `name` unset and set to `value`, over `rounds` alternating rounds of
-    `reps` // `rounds` blocks each; the variable's earlier value is restored."""
-    previous = os.environ.pop(name, None)
-    best = {False: float("inf"), True: float("inf")}
+def best_us_ab(call, reps: int, stream_mb: int, rounds: int = 8) -> tuple[float, float]:
+    """Best times with the kernels' own streaming bounds and with both at `stream_mb` MiB, over
+    `rounds` rounds of `reps` // `rounds` blocks each, the first setting alternating between
+    rounds; the setting in force before is restored."""
+    from bn_cuda import _C
+
+    previous = _C.set_cpu_stream_mb(-1)
+    best = {-1: float("inf"), stream_mb: float("inf")}
     try:
-        for _ in range(rounds):
-            for setting in (False, True):
-                if setting:
-                    os.environ[name] = value
-                else:
-                    os.environ.pop(name, None)
+        for r in range(rounds):
+            for setting in (-1, stream_mb) if r % 2 == 0 else (stream_mb, -1):
+                _C.set_cpu_stream_mb(setting)
                 best[setting] = min(best[setting], best_us(call, max(1, reps // rounds)))
     finally:
-        os.environ.pop(name, None)
-        if previous is not None:
-            os.environ[name] = previous
-    return best[False], best[True]
+        _C.set_cpu_stream_mb(previous)
+    return best[-1], best[stream_mb]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,19 +92,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("pass_name", metavar="pass", choices=PASSES)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=40)
-    parser.add_argument("--ab", metavar="NAME=VALUE", help="compare unset and set (see above)")
+    parser.add_argument("--ab-stream-mb", type=int, metavar="MB", help="compare streaming bounds (see above)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     shape = tuple(int(v) for v in args.shape.split("x"))
     call = op_call(shape, args.format == "nhwc", getattr(torch, args.dtype), args.pass_name)
-    if args.ab is None:
+    if args.ab_stream_mb is None:
         print(f"{best_us(call, args.reps):.0f}")
         return 0
-    name, sep, value = args.ab.partition("=")
-    if not sep or not name:
-        parser.error(f"--ab wants NAME=VALUE, got {args.ab!r}")
-    unset, set_ = best_us_ab(call, args.reps, name, value)
-    print(f"{unset:.0f} {set_:.0f} {set_ / unset:.2f}")
+    if args.ab_stream_mb < 0:
+        parser.error(f"--ab-stream-mb wants MiB >= 0, got {args.ab_stream_mb}")
+    default, other = best_us_ab(call, args.reps, args.ab_stream_mb)
+    print(f"{default:.0f} {other:.0f} {other / default:.2f}")
     return 0
 
 

@@ -14,10 +14,20 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <utility>
+
 #include "cpu/output_alloc.h"
 
 namespace bn_cuda {
-const char* cpu_isa_name();  // csrc/cpu/batch_norm.cpp
+// csrc/cpu/batch_norm.cpp
+const char* cpu_isa_name();
+// Sets the MiB from which the CPU kernels write both y and dx with non-temporal stores (as
+// BN_CUDA_CPU_STREAM_MB does at the first call); mb < 0 restores their own bounds. Returns the
+// previous setting (-1: none).
+int64_t set_cpu_stream_mb(int64_t mb);
+// (y, dx): the bytes from which each is streamed now.
+std::pair<int64_t, int64_t> cpu_stream_bounds();
 }  // namespace bn_cuda
 
 namespace {
@@ -41,11 +51,27 @@ PyObject* empty_cpu_cache(PyObject*, PyObject*) {
   Py_RETURN_NONE;
 }
 
+// set_cpu_stream_mb(mb: int) -> int: see bn_cuda::set_cpu_stream_mb (for bench/op_time.py).
+PyObject* set_cpu_stream_mb(PyObject*, PyObject* arg) {
+  const long long mb = PyLong_AsLongLong(arg);
+  if (mb == -1 && PyErr_Occurred()) return nullptr;
+  return PyLong_FromLongLong(static_cast<long long>(bn_cuda::set_cpu_stream_mb(mb)));
+}
+
+// cpu_stream_bounds() -> (y_bytes, dx_bytes).
+PyObject* cpu_stream_bounds(PyObject*, PyObject*) {
+  const auto [y, dx] = bn_cuda::cpu_stream_bounds();
+  return Py_BuildValue("(LL)", static_cast<long long>(y), static_cast<long long>(dx));
+}
+
 PyMethodDef bn_cuda_methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set of the CPU kernels' loops."},
     {"cpu_cache_info", cpu_cache_info, METH_NOARGS,
      "(cached_bytes, limit_bytes, hits, misses) of the CPU output cache."},
     {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS, "Releases the CPU output cache's freed blocks."},
+    {"set_cpu_stream_mb", set_cpu_stream_mb, METH_O,
+     "Streams CPU outputs (y and dx) from this many MiB (< 0: their own bounds); returns the previous setting."},
+    {"cpu_stream_bounds", cpu_stream_bounds, METH_NOARGS, "(y_bytes, dx_bytes) from which CPU outputs stream."},
     {nullptr, nullptr, 0, nullptr}};
 
 // The Python module exists so that `import bn_cuda._C` loads this library and its

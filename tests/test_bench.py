@@ -6,7 +6,6 @@ the harness itself and run whether or not the extension is built.
 
 import csv
 import json
-import os
 
 import pytest
 import torch
@@ -318,14 +317,16 @@ def test_op_time_prints_one_time(pass_name, capsys):
     assert float(capsys.readouterr().out) > 0
 
 
-def test_op_time_ab_alternates_a_setting(capsys, monkeypatch):
-    """--ab prints the best time unset, set, and their ratio, and leaves the variable as it was."""
+def test_op_time_ab_compares_streaming_bounds(capsys):
+    """--ab-stream-mb prints the best time under the kernels' own streaming bounds, under the
+    given one, and their ratio, and leaves the setting in force as it was."""
     from bench import op_time
+    from bn_cuda import _C
 
-    monkeypatch.setenv("BN_CUDA_CPU_STREAM_MB", "7")
-    assert op_time.main(["4x64x4x4", "nhwc", "float32", "bwd", "--reps", "4", "--ab", "BN_CUDA_CPU_STREAM_MB=0"]) == 0
-    unset, set_, ratio = (float(v) for v in capsys.readouterr().out.split())
-    assert unset > 0 and set_ > 0 and ratio > 0  # times printed rounded, the ratio from the exact ones
-    assert os.environ["BN_CUDA_CPU_STREAM_MB"] == "7"
+    before = _C.cpu_stream_bounds()
+    assert op_time.main(["4x64x4x4", "nhwc", "float32", "bwd", "--reps", "4", "--ab-stream-mb", "0"]) == 0
+    default, other, ratio = (float(v) for v in capsys.readouterr().out.split())
+    assert default > 0 and other > 0 and ratio > 0  # times printed rounded, the ratio from the exact ones
+    assert _C.cpu_stream_bounds() == before
     with pytest.raises(SystemExit):
-        op_time.main(["4x3x5x5", "nhwc", "float32", "bwd", "--ab", "NOVALUE"])
+        op_time.main(["4x3x5x5", "nhwc", "float32", "bwd", "--ab-stream-mb", "-1"])

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import bn_cuda  # noqa: F401  (registers torch.ops.bn_cuda)
@@ -90,3 +91,52 @@ def test_streamed_outputs_match_plain_stores(tmp_path):
         assert got.stride() == expected.stride(), key
         # Same bits (NaN-free inputs): the store kind must not change a value.
         assert torch.equal(got, expected), key
+
+
+BOUNDS_SCRIPT = """
+from bn_cuda import _C
+print(*_C.cpu_stream_bounds())
+"""
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        (None, (32 << 20, 8 << 20)),  # y from 32 MiB, dx from 8 MiB
+        ("7", (7 << 20, 7 << 20)),
+        ("0", (0, 0)),
+        ("7x", (32 << 20, 8 << 20)),  # not a number: ignored, not 0 (which would stream every output)
+        ("-3", (32 << 20, 8 << 20)),
+    ],
+)
+def test_stream_bounds_from_the_environment(env, expected):
+    """BN_CUDA_CPU_STREAM_MB, read at the first call, sets both bounds; without it (or with a
+    value that is not a whole number of MiB) each output keeps its own."""
+    environ = {k: v for k, v in os.environ.items() if k != "BN_CUDA_CPU_STREAM_MB"}
+    if env is not None:
+        environ["BN_CUDA_CPU_STREAM_MB"] = env
+    run = subprocess.run(
+        [sys.executable, "-c", BOUNDS_SCRIPT],
+        env={**environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert tuple(int(v) for v in run.stdout.split()) == expected
+
+
+def test_set_cpu_stream_mb_changes_the_bounds_in_process():
+    """bn_cuda._C.set_cpu_stream_mb (bench/op_time.py --ab-stream-mb) overrides both bounds and
+    returns the setting it replaced; -1 gives each output its own bound back."""
+    from bn_cuda import _C
+
+    previous = _C.set_cpu_stream_mb(5)
+    try:
+        assert _C.cpu_stream_bounds() == (5 << 20, 5 << 20)
+        assert _C.set_cpu_stream_mb(-1) == 5
+        assert _C.cpu_stream_bounds() == (32 << 20, 8 << 20)
+    finally:
+        _C.set_cpu_stream_mb(previous)

@@ -30,10 +30,12 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <memory>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "cpu/output_alloc.h"
@@ -106,12 +108,33 @@ constexpr int64_t kStreamMinBytes = int64_t(32) << 20;
 // Streaming dx of 6.4 MB was even, of 3.2 MB 11% slower.
 constexpr int64_t kStreamGradInputMinBytes = int64_t(8) << 20;
 
-// BN_CUDA_CPU_STREAM_MB (MiB) overrides both bounds, 0 streaming every output (as the tests do,
-// to cover the path on small tensors). Read on every call (a fraction of a microsecond), so that
-// bench/op_time.py --ab can compare settings call by call in one process.
+// The most MiB an override may name (larger ones are clamped: no output is that large).
+constexpr int64_t kMaxStreamOverrideMiB = int64_t(1) << 30;
+
+// MiB as BN_CUDA_CPU_STREAM_MB spells them: a whole number >= 0 (clamped), else -1 (no
+// override: a typo must not stream every output).
+int64_t parse_stream_mb(const char* text) {
+  if (text == nullptr || *text == '\0') return -1;
+  char* end = nullptr;
+  const long long mb = std::strtoll(text, &end, 10);
+  if (*end != '\0' || mb < 0) return -1;
+  return std::min<int64_t>(mb, kMaxStreamOverrideMiB);
+}
+
+// Bytes from which both outputs stream instead of their bounds, or -1: BN_CUDA_CPU_STREAM_MB,
+// read at the first call (0 streams every output, as the tests do, to cover the path on small
+// tensors); set_cpu_stream_mb changes it in a running process.
+std::atomic<int64_t>& stream_override_bytes() {
+  static std::atomic<int64_t> bytes{[] {
+    const int64_t mb = parse_stream_mb(std::getenv("BN_CUDA_CPU_STREAM_MB"));
+    return mb < 0 ? int64_t(-1) : mb << 20;
+  }()};
+  return bytes;
+}
+
 int64_t stream_min_bytes(Output output) {
-  const char* env = std::getenv("BN_CUDA_CPU_STREAM_MB");
-  if (env != nullptr) return std::max<int64_t>(0, std::atoll(env)) << 20;
+  const int64_t override_bytes = stream_override_bytes().load(std::memory_order_relaxed);
+  if (override_bytes >= 0) return override_bytes;
   return output == Output::kGradInput ? kStreamGradInputMinBytes : kStreamMinBytes;
 }
 
@@ -1257,6 +1280,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
 
 const char* cpu_isa_name() {
   return isa_name(selected_isa());
+}
+
+int64_t set_cpu_stream_mb(int64_t mb) {
+  const int64_t bytes = mb < 0 ? int64_t(-1) : std::min(mb, kMaxStreamOverrideMiB) << 20;
+  const int64_t previous = stream_override_bytes().exchange(bytes);
+  return previous < 0 ? previous : previous >> 20;
+}
+
+std::pair<int64_t, int64_t> cpu_stream_bounds() {
+  return {stream_min_bytes(Output::kNormalized), stream_min_bytes(Output::kGradInput)};
 }
 
 }  // namespace bn_cuda

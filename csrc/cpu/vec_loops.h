@@ -408,6 +408,7 @@ constexpr int64_t kCachedRowsPrefetchBytes = 1024;
 template <Isa kIsa, bool kHasB, bool kStream, typename scalar_t, typename Op>
 BN_CUDA_CPU_INLINE void map_cached_rows_body(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t rows,
                                              int64_t n, const Op& op) {
+  static_assert(VecIO<scalar_t, kIsa>::kStep * sizeof(scalar_t) % 32 == 0, "steps keep 32-byte alignment");
   constexpr int64_t distance = kCachedRowsPrefetchBytes / static_cast<int64_t>(sizeof(scalar_t));
   const int64_t prefetch_end = rows * n - distance;
   const auto prefetch = [&](int64_t i) __attribute__((always_inline)) {
