@@ -93,6 +93,13 @@ def _type_name(value: object) -> str:
     return cls.__name__ if heap_type or cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__name__}"
 
 
+def _is_numpy_number(value: object) -> bool:
+    """A NumPy scalar number (bool, integer, floating or complex): what torch's parser takes for a
+    float argument besides Python numbers and 0-dim tensors (not other numbers, e.g. Fraction)."""
+    cls = type(value)
+    return cls.__module__ == "numpy" and (isinstance(value, numbers.Number) or cls.__name__ in ("bool", "bool_"))
+
+
 def _plainly_valid(
     input: Tensor,
     running_mean: Tensor | None,
@@ -286,7 +293,11 @@ def _batch_norm_by_aten_ops(
     dims = [0, *range(2, input.dim())]
     shape = [1, input.shape[1]] + [1] * (input.dim() - 2)
     x = input.to(acc)
-    if training:
+    if training and x.numel() == 0:
+        # An empty batch: nothing to normalize and no statistics (var_mean would warn); the
+        # running statistics stay as they are (track_batch).
+        mean = var = x.new_zeros(input.shape[1])
+    elif training:
         var, mean = torch.var_mean(x, dims, correction=0)
     else:
         assert running_mean is not None and running_var is not None  # checked
@@ -337,8 +348,14 @@ def track_batch(
         return
     if momentum is None and num_batches_tracked is None:
         momentum = 0.0  # nn.BatchNorm's factor when it has no counter to average over
-    if by_aten_ops:
-        factor = momentum if momentum is not None else 1.0 / num_batches_tracked
+    # TorchScript compiles this function for the scripted forward, where transforms never run: the
+    # is_scripting() test keeps it from compiling the ATen-op branch.
+    if not torch.jit.is_scripting() and by_aten_ops:
+        assert count_tensor is None, "a count known only on the device takes update_running_stats"
+        if count == 0:
+            return  # an empty batch leaves them, as update_running_stats does
+        # The cumulative factor in the statistics' dtype, as the op's: float64 buffers keep it exact.
+        factor = momentum if momentum is not None else num_batches_tracked.to(mean.dtype).reciprocal()
         _blend_by_aten_ops(running_mean, running_var, mean, var, count, factor)
         return
     tracked = num_batches_tracked if momentum is None else None
@@ -378,15 +395,15 @@ def batch_norm(
     Parameters and running statistics share one dtype: the input's, or float32 for float16 and
     bfloat16 input.
     """
-    # The argument types torch.batch_norm's parser takes: a bool for training; for momentum a real
-    # number (NumPy's included) or a 0-dim tensor that does not require grad. None is
-    # nn.BatchNorm's cumulative-average switch, not a value the functional form takes.
+    # The argument types torch.batch_norm's parser takes: a bool for training; for momentum a
+    # Python or NumPy number or a 0-dim tensor that does not require grad. None is nn.BatchNorm's
+    # cumulative-average switch, not a value the functional form takes.
     if not isinstance(training, bool):
         raise TypeError(f"batch_norm(): argument 'training' (position 6) must be bool, not {_type_name(training)}")
     if isinstance(momentum, Tensor) and momentum.dim() == 0 and not momentum.requires_grad:
-        momentum = momentum.item()
-    elif isinstance(momentum, numbers.Real) and not isinstance(momentum, (int, float)):
-        momentum = float(momentum)
+        momentum = float(momentum.real) if momentum.is_complex() else momentum.item()
+    elif _is_numpy_number(momentum):
+        momentum = float(momentum.real)  # PyTorch's parser, too, drops an imaginary part
     elif not isinstance(momentum, (int, float)):
         raise TypeError(f"batch_norm(): argument 'momentum' (position 7) must be float, not {_type_name(momentum)}")
     return batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps)

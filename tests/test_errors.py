@@ -578,6 +578,7 @@ def test_functional_momentum_none(device):
     [
         pytest.param(lambda: np.float32(0.3), id="numpy-float32"),
         pytest.param(lambda: np.int64(0), id="numpy-int64"),
+        pytest.param(lambda: np.bool_(True), id="numpy-bool"),
         pytest.param(lambda: torch.tensor(0.3, dtype=torch.float64), id="0-dim-tensor"),
     ],
 )
@@ -592,6 +593,17 @@ def test_functional_momentum_types_torch_takes(momentum, device):
     BF.batch_norm(x.to(device), rm, rv, training=True, momentum=momentum())
     torch.testing.assert_close(rm.cpu(), expected[0])
     torch.testing.assert_close(rv.cpu(), expected[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_functional_momentum_fraction_refused_like_torch(device):
+    """numbers.Real is not what torch's parser takes: a Fraction momentum is a TypeError."""
+    from fractions import Fraction
+
+    x = torch.randn(2, 3, 4)
+    expected = torch_error(lambda: F.batch_norm(x, *stats(3), training=True, momentum=Fraction(1, 3)))
+    rm, rv = stats(3, device)
+    assert_raises_like(expected, lambda: BF.batch_norm(x.to(device), rm, rv, training=True, momentum=Fraction(1, 3)))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -110,6 +110,25 @@ def test_forward_mode_ad_dual_tensors(training, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_forward_mode_ad_empty_batch_and_cumulative_average(momentum, device):
+    """Under a transform the running statistics move by ATen ops: an empty batch leaves them (and
+    counts the batch) as nn's module does, and the cumulative factor 1 / num_batches_tracked keeps
+    float64 buffers exact (it was once rounded to float32)."""
+    ref, mine = make_pair("2d", device, momentum=momentum)
+    for module in (ref, mine):
+        with torch.no_grad():
+            module.num_batches_tracked.fill_(30)
+    for x in (inputs("2d", device)[:0], inputs("2d", device)):
+        t = torch.ones_like(x)
+        for module in (ref, mine):
+            with fwAD.dual_level():
+                module(fwAD.make_dual(x, t))
+        for (name, a), b in zip(mine.named_buffers(), ref.buffers(), strict=True):
+            torch.testing.assert_close(a, b, msg=name, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("kwargs", [{}, {"track_running_stats": False}, {"affine": False}], ids=str)
 def test_jacrev_and_hessian(kwargs, training, device):
