@@ -8,9 +8,10 @@ Differences, all deliberate:
 - ``momentum=None`` (cumulative average) computes its factor on the device, so it runs under
   ``torch.compile(fullgraph=True)`` and CUDA graphs;
 - a call that raises changes nothing (PyTorch increments ``num_batches_tracked`` first);
-- under ``torch.utils.checkpoint(use_reentrant=False)`` a training step updates the running
-  statistics once, as without checkpointing (the recomputation stops before the update; nn's
-  kernel updates them during it too).
+- under ``torch.utils.checkpoint(use_reentrant=False)``, with this module the last layer of the
+  checkpointed function that saves tensors, a training step updates the running statistics
+  once, as without checkpointing (the recomputation stops before the update; nn's kernel updates
+  them during it too).
 """
 
 from __future__ import annotations

@@ -336,28 +336,36 @@ def test_state_dict_from_bn_cuda_to_torch(device, momentum):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
-def test_activation_checkpointing(use_reentrant, device):
+@pytest.mark.parametrize("then_relu", [False, True], ids=["bn-last", "bn-then-relu"])
+def test_activation_checkpointing(then_relu, use_reentrant, device):
     """torch.utils.checkpoint recomputes the forward in the backward. Non-reentrant (PyTorch's
-    recommended form) stops that recomputation once the backward has what it needs, before the
-    running statistics would move: a step leaves them, the counter and the gradients as a step
-    without checkpointing does (README, "on purpose": nn.BatchNorm moves them in its kernel, so
-    twice). Reentrant recomputes the whole call, so both move them twice, nn's as bn_cuda's."""
+    recommended form) stops that recomputation once the backward has what it needs: where the
+    batch norm saves the last tensors, before its running statistics would move, so a step leaves
+    them, the counter and the gradients as a step without checkpointing does (README, "on
+    purpose": nn.BatchNorm moves them in its kernel, so twice). With a ReLU after it (which saves
+    its output) the recomputation runs the whole call, and reentrant always does: then both move
+    them twice, nn's as bn_cuda's."""
     ref, plain = pair(device)
     _, checkpointed = pair(device)
     x = batches(1, (3, 4, 3, 3), device)[0]
     weights = torch.linspace(-1, 1, x.numel(), device=device).view_as(x)
+
+    def layer(module):
+        return nn.Sequential(module, nn.ReLU()) if then_relu else module
+
     grads = []
     for module, checkpoint in ((plain, False), (checkpointed, True)):
         xi = x.clone().requires_grad_()
-        y = torch.utils.checkpoint.checkpoint(module, xi, use_reentrant=use_reentrant) if checkpoint else module(xi)
+        f = layer(module)
+        y = torch.utils.checkpoint.checkpoint(f, xi, use_reentrant=use_reentrant) if checkpoint else f(xi)
         (y * weights).sum().backward()
         grads.append((xi.grad, module.weight.grad, module.bias.grad))
     for got, expected in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(got, expected)
-    if use_reentrant:
+    if use_reentrant or then_relu:
         xi = x.clone().requires_grad_()
-        (torch.utils.checkpoint.checkpoint(ref, xi, use_reentrant=True) * weights).sum().backward()
-        assert int(checkpointed.num_batches_tracked) == 2
+        (torch.utils.checkpoint.checkpoint(layer(ref), xi, use_reentrant=use_reentrant) * weights).sum().backward()
+        assert int(ref.num_batches_tracked) == 2
         assert_same_state(checkpointed, ref)
     else:
         assert int(checkpointed.num_batches_tracked) == 1
