@@ -103,9 +103,9 @@ constexpr int64_t kStreamMinBytes = int64_t(32) << 20;
 // convolution's, which spends far longer computing than reading dx, so a dx kept in cache buys
 // little there, while the backward itself pays for the line reads of plain stores. Float, 2
 // threads, against dx from 32 MiB (bench/results/cpu-amd-epyc-2t/builds/stream-grad-input.md, one
-// process, interleaved): channels-last at 12.8 and 25.7 MB backward 1.05-1.14x as fast, module
-// forward+backward 0.96-1.11x; channels-first 1.21-1.38x at 25.7 MB, 1.00-1.01x at 12.8 MB.
-// Streaming dx of 6.4 MB was even, of 3.2 MB 11% slower.
+// process, interleaved), at 12.8 and 25.7 MB: channels-last backward 1.06-1.17x as fast, module
+// forward+backward 1.04-1.10x; channels-first (whole-line planes) 1.14-1.34x and 1.14-1.20x.
+// Streaming dx of 6.4 MB was even, of a 3.2 MB channels-last one 11% slower.
 constexpr int64_t kStreamGradInputMinBytes = int64_t(8) << 20;
 
 // The most MiB an override may name (larger ones are clamped: no output is that large).
