@@ -69,12 +69,15 @@ def outputs() -> dict[str, torch.Tensor]:
     return result
 
 
-def test_streamed_outputs_match_plain_stores(tmp_path):
-    out = tmp_path / "streamed.pt"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "BN_CUDA_CPU_STREAM_MB": "0"}
+def run_fresh(script: str, stream_mb: str | None, *args: str) -> str:
+    """Runs `script` in a fresh interpreter with BN_CUDA_CPU_STREAM_MB set to `stream_mb` (or
+    unset: None), read there at the first call; returns its stdout."""
+    env = {k: v for k, v in os.environ.items() if k != "BN_CUDA_CPU_STREAM_MB"}
+    if stream_mb is not None:
+        env["BN_CUDA_CPU_STREAM_MB"] = stream_mb
     run = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(out)],
-        env=env,
+        [sys.executable, "-c", script, *args],
+        env={**env, "PYTHONPATH": str(ROOT)},
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -82,6 +85,12 @@ def test_streamed_outputs_match_plain_stores(tmp_path):
         check=False,
     )
     assert run.returncode == 0, run.stderr[-4000:]
+    return run.stdout
+
+
+def test_streamed_outputs_match_plain_stores(tmp_path):
+    out = tmp_path / "streamed.pt"
+    run_fresh(SCRIPT, "0", str(out))
     streamed = torch.load(out)
     plain = outputs()
     assert streamed.keys() == plain.keys()
@@ -112,20 +121,7 @@ print(*_C.cpu_stream_bounds())
 def test_stream_bounds_from_the_environment(env, expected):
     """BN_CUDA_CPU_STREAM_MB, read at the first call, sets both bounds; without it (or with a
     value that is not a whole number of MiB) each output keeps its own."""
-    environ = {k: v for k, v in os.environ.items() if k != "BN_CUDA_CPU_STREAM_MB"}
-    if env is not None:
-        environ["BN_CUDA_CPU_STREAM_MB"] = env
-    run = subprocess.run(
-        [sys.executable, "-c", BOUNDS_SCRIPT],
-        env={**environ, "PYTHONPATH": str(ROOT)},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
-    assert tuple(int(v) for v in run.stdout.split()) == expected
+    assert tuple(int(v) for v in run_fresh(BOUNDS_SCRIPT, env).split()) == expected
 
 
 def test_set_cpu_stream_mb_changes_the_bounds_in_process():
