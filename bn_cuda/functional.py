@@ -242,27 +242,18 @@ def batch_norm_impl(
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
     if input.dim() < 2:  # empty (checked): nothing to normalize, no statistics to update
         return input.clone()
-    if _function_transforms_active():
+    by_aten_ops = _function_transforms_active()
+    if by_aten_ops:
         output, mean, var = _batch_norm_by_aten_ops(input, running_mean, running_var, weight, bias, training, eps)
-        if training:
-            count = input.numel() // input.shape[1]
-            track_batch(
-                running_mean,
-                running_var,
-                mean.detach(),
-                var.detach(),
-                count,
-                momentum,
-                num_batches_tracked,
-                by_aten_ops=True,
-            )
-        return output
-    if not training:
+        if not training:
+            return output
+        mean, var = mean.detach(), var.detach()
+    elif not training:
         return torch.ops.bn_cuda.forward_eval(input, running_mean, running_var, weight, bias, eps)
     else:
         output, mean, _, var = torch.ops.bn_cuda.forward_train(input, weight, bias, eps)
     count = input.numel() // input.shape[1]
-    track_batch(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
+    track_batch(running_mean, running_var, mean, var, count, momentum, num_batches_tracked, by_aten_ops=by_aten_ops)
     return output
 
 
