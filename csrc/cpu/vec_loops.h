@@ -368,17 +368,22 @@ BN_CUDA_CPU_INLINE void map_run(const scalar_t* a, const scalar_t* b, scalar_t* 
 // and loop setup are paid once. kStream (x86-64-v3): each run that starts on a 64-byte line of
 // out is written by non-temporal stores (except a scalar tail), the others by plain ones;
 // callers stream only outputs whose runs are whole lines, so that no line mixes the two, and
-// fence them (with_stream).
-template <Isa kIsa, bool kHasB, bool kStream, typename scalar_t, typename Op>
+// fence them (with_stream). hook_at(o) gives the map_run step hook of the run at offset o
+// (map_cached_rows' prefetch; by default none).
+struct NoRunHook {
+  BN_CUDA_CPU_INLINE NoStepHook operator()(int64_t) const { return {}; }
+};
+
+template <Isa kIsa, bool kHasB, bool kStream, typename scalar_t, typename Op, typename RunHook = NoRunHook>
 BN_CUDA_CPU_INLINE void map_segments_body(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t stride,
-                                          int64_t segs, int64_t n, const Op& op) {
+                                          int64_t segs, int64_t n, const Op& op, const RunHook& hook_at = {}) {
   static_assert(VecIO<scalar_t, kIsa>::kStep * sizeof(scalar_t) % 32 == 0, "steps keep 32-byte alignment");
   for (int64_t s = 0; s < segs; ++s) {
     const int64_t o = s * stride;
     if (kStream && reinterpret_cast<uintptr_t>(out + o) % 64 == 0) {
-      map_run<kIsa, kHasB, kStream>(a + o, b + o, out + o, n, op);
+      map_run<kIsa, kHasB, kStream>(a + o, b + o, out + o, n, op, hook_at(o));
     } else {
-      map_run<kIsa, kHasB, false>(a + o, b + o, out + o, n, op);
+      map_run<kIsa, kHasB, false>(a + o, b + o, out + o, n, op, hook_at(o));
     }
   }
 }
@@ -401,31 +406,26 @@ constexpr int64_t kCachedRowsPrefetchBytes = 1024;
 // reads it from memory, ~10% slower in one process at 3-13 MB. Inside a network other layers run
 // between a layer's forward and its backward, which then reads x from memory either way.
 // PREFETCHT2 for the forward kept x but bought only ~5% there (bench rows at 12.8 MB: 1.01-1.08x
-// of eager against 1.29-1.39x with NTA, bench/results/cpu-amd-epyc-2t/forward-prefetch-hint). Where x comes from memory the hint was 5-10% slower,
-// which is why only a pass that re-reads takes this loop. kStream: rows that start on a 64-byte
-// line of out are written by non-temporal stores (the backward's dx of 8 to 16 MiB, see
+// of eager against 1.29-1.39x with NTA, bench/results/cpu-amd-epyc-2t/forward-prefetch-hint).
+// Where x comes from memory the hint was 5-10% slower, which is why only a pass that re-reads
+// takes this loop. kStream: as in map_segments_body, the rows that start on a 64-byte line of out
+// are written by non-temporal stores (the backward's dx of 8 to 16 MiB, see
 // kStreamGradInputMinBytes in batch_norm.cpp), which leave the caches to the x and dy re-read.
 template <Isa kIsa, bool kHasB, bool kStream, typename scalar_t, typename Op>
 BN_CUDA_CPU_INLINE void map_cached_rows_body(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t rows,
                                              int64_t n, const Op& op) {
-  static_assert(VecIO<scalar_t, kIsa>::kStep * sizeof(scalar_t) % 32 == 0, "steps keep 32-byte alignment");
   constexpr int64_t distance = kCachedRowsPrefetchBytes / static_cast<int64_t>(sizeof(scalar_t));
   const int64_t prefetch_end = rows * n - distance;
-  const auto prefetch = [&](int64_t i) __attribute__((always_inline)) {
-    if (i < prefetch_end) {
-      __builtin_prefetch(a + i + distance, 0, 0);
-      if constexpr (kHasB) __builtin_prefetch(b + i + distance, 0, 0);
-    }
-  };
-  for (int64_t o = 0; o < rows * n; o += n) {
-    const auto step_hook = [&](int64_t i) __attribute__((always_inline)) { prefetch(o + i); };
-    // Streamed rows as in map_segments_body: those that start on a 64-byte line of out.
-    if (kStream && reinterpret_cast<uintptr_t>(out + o) % 64 == 0) {
-      map_run<kIsa, kHasB, kStream>(a + o, b + o, out + o, n, op, step_hook);
-    } else {
-      map_run<kIsa, kHasB, false>(a + o, b + o, out + o, n, op, step_hook);
-    }
-  }
+  // The rows are consecutive runs of the block (stride n); each step of the row at o prefetches
+  // ahead of its position o + i in the block.
+  map_segments_body<kIsa, kHasB, kStream>(a, b, out, n, rows, n, op, [&](int64_t o) __attribute__((always_inline)) {
+    return [&, o](int64_t i) __attribute__((always_inline)) {
+      if (o + i < prefetch_end) {
+        __builtin_prefetch(a + o + i + distance, 0, 0);
+        if constexpr (kHasB) __builtin_prefetch(b + o + i + distance, 0, 0);
+      }
+    };
+  });
 }
 
 // Orders the non-temporal stores of a streaming map (map_segments, map_planes, map_cached_rows)
