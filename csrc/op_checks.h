@@ -97,11 +97,12 @@ inline at::Tensor channel_vector(const at::Tensor& t, const char* name, const Ch
   return channel_vector(c10::optional<at::Tensor>(t), name, v, 0.0, op);
 }
 
+// A NaN eps passes, as in PyTorch (its checks are the same comparisons): every output is NaN.
 inline void check_eps(double eps, bool training, const char* op) {
   if (training) {
-    TORCH_CHECK(eps > 0, "bn_cuda.", op, ": eps must be positive during training, got ", eps);
+    TORCH_CHECK(!(eps <= 0), "bn_cuda.", op, ": eps must be positive during training, got ", eps);
   } else {
-    TORCH_CHECK(eps >= 0, "bn_cuda.", op, ": eps must be non-negative, got ", eps);
+    TORCH_CHECK(!(eps < 0), "bn_cuda.", op, ": eps must be non-negative, got ", eps);
   }
 }
 

@@ -264,6 +264,23 @@ def test_zero_eps_in_eval_like_pytorch(device):
     torch.testing.assert_close(out, expected)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False])
+def test_nan_eps_computes_like_pytorch(device, training):
+    """eps = NaN passes PyTorch's checks (they are comparisons) and makes every output NaN; the
+    running statistics move as usual (the unbiased variance does not involve eps)."""
+    x = torch.randn(4, 3, 5, 5)
+    theirs = nn.BatchNorm2d(3, eps=float("nan")).train(training)
+    ours = bn_cuda.BatchNorm2d(3, eps=float("nan"), device=device).train(training)
+    expected = theirs(x)
+    out = ours(x.to(device))
+    assert out.isnan().all() and expected.isnan().all()
+    torch.testing.assert_close(ours.running_mean.cpu(), theirs.running_mean)
+    torch.testing.assert_close(ours.running_var.cpu(), theirs.running_var)
+    out = BF.batch_norm(x.to(device), None, None, training=True, eps=float("nan"))
+    assert out.isnan().all()
+
+
 # ---- 7: unsupported input dtypes -----------------------------------------------------------------
 
 BAD_DTYPES = [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64]
