@@ -147,9 +147,10 @@ def check_batch_norm_args(
     training: bool,
     eps: float,
 ) -> None:
-    """Raises what torch.nn.functional.batch_norm raises for these arguments (and a clear error
-    where PyTorch's is opaque: fewer than 2 dims, no channels): every rule, the first violation
-    in PyTorch's order. The common valid call is let through by a quicker test first."""
+    """Raises what torch.nn.functional.batch_norm raises for these arguments (with a clear message
+    where PyTorch's is opaque: a ValueError for fewer than 2 dims, an IndexError as PyTorch's for
+    no channels): every rule, the first violation in PyTorch's order. The common valid call is
+    let through by a quicker test first."""
     if _plainly_valid(input, running_mean, running_var, weight, bias, training, eps):
         return
     # Positions as in torch.batch_norm(input, weight, bias, running_mean, running_var, ...).
@@ -174,17 +175,18 @@ def check_batch_norm_args(
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
     if eps <= 0.0:
         _check_eps_like_torch(eps, training)
+    if input.numel() == 0:
+        # PyTorch's batch_norm checks nothing more for an empty input (batch_norm_empty) but reads
+        # weight[0] and bias[0]: an IndexError where those are empty, here with a clear message.
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is not None and t.numel() == 0:
+                raise IndexError(_empty_parameter_message(name, input))
+        return
     if input.dim() < 2:
-        if input.numel() == 0:
-            return  # PyTorch passes an empty 0-D/1-D input through (batch_norm_impl returns it)
         raise ValueError(f"expected at least 2D input (N, C, ...) (got {input.dim()}D input)")
     if input.dtype not in _SUPPORTED_DTYPES:
         raise NotImplementedError(f"\"batch_norm\" not implemented for '{dtype_name(input.dtype)}'")
     channels = input.shape[1]
-    if channels == 0:
-        raise ValueError(
-            f"batch_norm needs at least one channel, got input size {input.size()} (dimension 1 is the channels)"
-        )
     # Checked in PyTorch's order, so that the first problem reported is the one PyTorch reports.
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         if t is None:
@@ -214,6 +216,14 @@ def check_batch_norm_args(
                 )
 
 
+def _empty_parameter_message(name: str, input: Tensor) -> str:
+    if input.dim() < 2:
+        return f"batch_norm: {name} is empty (input size {input.size()})"
+    if input.shape[1] == 0:
+        return f"batch_norm needs at least one channel, got input size {input.size()} (dimension 1 is the channels)"
+    return f"{name} should contain {input.shape[1]} elements not 0"
+
+
 def _check_eps_like_torch(eps: float, training: bool) -> None:
     """Raises what the installed torch.nn.functional.batch_norm raises for this eps <= 0, if
     anything. PyTorch's rule changed between releases (2.11 refuses every eps <= 0 with "must be
@@ -240,8 +250,11 @@ def batch_norm_impl(
     is incremented, and ``momentum=None`` averages the running statistics cumulatively (factor
     1 / num_batches_tracked, computed on the device). Nothing changes when a check fails."""
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
-    if input.dim() < 2:  # empty (checked): nothing to normalize, no statistics to update
-        return input.clone()
+    if input.numel() == 0:
+        output = batch_norm_empty(input, weight, bias)
+        if training and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)  # as nn.BatchNorm's forward counts every training call
+        return output
     by_aten_ops = _function_transforms_active()
     if by_aten_ops:
         output, mean, var = _batch_norm_by_aten_ops(input, running_mean, running_var, weight, bias, training, eps)
@@ -254,6 +267,20 @@ def batch_norm_impl(
         output, mean, _, var = torch.ops.bn_cuda.forward_train(input, weight, bias, eps)
     count = input.numel() // input.shape[1]
     track_batch(running_mean, running_var, mean, var, count, momentum, num_batches_tracked, by_aten_ops=by_aten_ops)
+    return output
+
+
+def batch_norm_empty(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """What torch.batch_norm returns for an input with no elements (N, C or a spatial size 0,
+    any number of dims), before any check of the other arguments' sizes, dtypes or devices: a copy
+    of the input (a new tensor, so that the autograd graph reaches weight and bias), times
+    weight[0], plus bias[0]. Hence an IndexError where weight or bias is empty (C = 0), and the
+    result's dtype is whatever those products promote to. The running statistics stay."""
+    output = input.clone()
+    if weight is not None:
+        output = output * weight.select(0, 0)
+    if bias is not None:
+        output = output + bias.select(0, 0)
     return output
 
 

@@ -23,7 +23,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import batch_norm_impl, check_param_dtypes, track_batch
+from .functional import batch_norm_empty, batch_norm_impl, check_param_dtypes, track_batch
 from .sync_batchnorm import SyncBatchNorm
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_model", "revert_model"]
@@ -94,6 +94,14 @@ class _BatchNormForward:
         use_buffers = not self.training or self.track_running_stats
         running_mean = self.running_mean if use_buffers else None
         running_var = self.running_var if use_buffers else None
+        counter = self.num_batches_tracked if self.training and self.track_running_stats else None
+        if input.numel() == 0:
+            if bn_training:
+                F._verify_batch_size(input.size())
+            output = batch_norm_empty(input, self.weight, self.bias)
+            if counter is not None:
+                counter.add_(1)
+            return output
         check_param_dtypes(input, self.weight, self.bias, running_mean, running_var, bn_training)
         if not bn_training:
             if running_mean is None or running_var is None:
@@ -101,7 +109,6 @@ class _BatchNormForward:
             return torch.ops.bn_cuda.forward_eval(input, running_mean, running_var, self.weight, self.bias, self.eps)
         F._verify_batch_size(input.size())
         output, mean, _, var = torch.ops.bn_cuda.forward_train(input, self.weight, self.bias, self.eps)
-        counter = self.num_batches_tracked if self.training and self.track_running_stats else None
         track_batch(running_mean, running_var, mean, var, input.numel() // input.size(1), self.momentum, counter)
         return output
 

@@ -535,16 +535,19 @@ def test_module_on_cpu_with_input_elsewhere(device):
     assert_module_unchanged(m, before)
 
 
-# ---- 11: no channels ------------------------------------------------------------------------------
+# ---- 11: no channels, and other empty inputs -----------------------------------------------------
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False])
 def test_zero_channels_module(device, training):
-    """PyTorch's nn.BatchNorm2d(0) fails with an opaque IndexError; bn_cuda says what is wrong."""
+    """nn.BatchNorm2d(0) fails with an IndexError from deep inside (weight[0]); bn_cuda raises an
+    IndexError too, saying what is wrong, and changes nothing."""
+    expected = torch_error(lambda: nn.BatchNorm2d(0).train(training)(torch.randn(2, 0, 4, 4)))
+    assert type(expected) is IndexError
     m = bn_cuda.BatchNorm2d(0, device=device).train(training)
     before = module_state(m)
-    with pytest.raises(ValueError, match="channel"):
+    with pytest.raises(IndexError, match="needs at least one channel"):
         m(torch.randn(2, 0, 4, 4, device=device))
     assert_module_unchanged(m, before)
 
@@ -552,10 +555,73 @@ def test_zero_channels_module(device, training):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("shape", [(2, 0, 4, 4), (2, 0), (0, 0, 3)])
-def test_zero_channels_functional(device, training, shape):
+def test_zero_channels_without_affine_like_pytorch(device, training, shape):
+    """Without weight and bias, PyTorch passes an input with no channels through (a copy)."""
+    x = torch.randn(shape, device=device)
+    expected = F.batch_norm(x.cpu(), torch.zeros(0), torch.ones(0), training=training)
     rm, rv = torch.zeros(0, device=device), torch.ones(0, device=device)
-    with pytest.raises(ValueError, match="channel"):
-        BF.batch_norm(torch.randn(shape, device=device), rm, rv, training=training)
+    out = BF.batch_norm(x, rm, rv, training=training)
+    assert out.shape == expected.shape == x.shape and out is not x
+    m = bn_cuda.BatchNorm2d(0, affine=False, device=device).train(training)
+    if len(shape) == 4:
+        assert m(x).shape == nn.BatchNorm2d(0, affine=False).train(training)(x.cpu()).shape
+
+
+def _empty_cases(device):
+    """(name, call of a batch_norm function f) for inputs with no elements: PyTorch's batch_norm
+    returns input.clone() * weight[0] + bias[0] for them before checking the other arguments."""
+    e = torch.randn(0, 3, 2, 2, device=device)
+    z, o = torch.zeros(3, device=device), torch.ones(3, device=device)
+    return [
+        ("no stats in eval", lambda f: f(e, None, None, training=False)),
+        (
+            "stats of the wrong size",
+            lambda f: f(e, torch.zeros(5, device=device), torch.ones(5, device=device), training=True),
+        ),
+        ("weight of the wrong size", lambda f: f(e, z, o, torch.ones(2, device=device), training=False)),
+        (
+            "integer input",
+            lambda f: f(torch.zeros(0, 3, 2, dtype=torch.long, device=device), None, None, training=True),
+        ),
+        (
+            "integer input, float weight",
+            lambda f: f(torch.zeros(0, 3, dtype=torch.long, device=device), None, None, o, training=True),
+        ),
+        ("float64 running stats", lambda f: f(e, z.double(), o.double(), training=True)),
+        ("bfloat16 weight", lambda f: f(e, None, None, o.bfloat16(), z.bfloat16(), training=True)),
+        ("running stats requiring grad", lambda f: f(e, z.clone().requires_grad_(), o, training=True)),
+        ("empty weight", lambda f: f(e, None, None, torch.ones(0, device=device), training=True)),
+        ("empty bias", lambda f: f(e, None, None, o, torch.ones(0, device=device), training=False)),
+        ("1-D empty", lambda f: f(torch.randn(0, device=device), None, None, training=True)),
+        ("1-D empty with weight", lambda f: f(torch.randn(0, device=device), None, None, o, z, training=True)),
+        ("zero width", lambda f: f(torch.randn(2, 3, 4, 0, device=device), z, o, o, z, training=True)),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_inputs_like_pytorch(device):
+    """Every call on an empty input has PyTorch's outcome: the same result (shape, dtype, memory
+    format, requires_grad) or the same exception type; the running statistics stay."""
+    for (name, call), (_, theirs_call) in zip(_empty_cases(device), _empty_cases("cpu"), strict=True):
+        try:
+            expected = theirs_call(F.batch_norm)
+        except Exception as error:
+            with pytest.raises(type(error)):
+                call(BF.batch_norm)
+            continue
+        out = call(BF.batch_norm)
+        assert out.shape == expected.shape and out.dtype == expected.dtype, name
+        assert out.requires_grad == expected.requires_grad, name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_input_gradients_reach_weight_and_bias(device):
+    """As in PyTorch, the output of an empty input hangs on weight and bias: their grads are zeros."""
+    w = torch.rand(3, device=device, requires_grad=True)
+    b = torch.rand(3, device=device, requires_grad=True)
+    out = BF.batch_norm(torch.randn(0, 3, 4, device=device), None, None, w, b, training=True)
+    out.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
 
 
 # ---- argument types (beyond the plan's list: F.batch_norm's own TypeErrors) ------------------------

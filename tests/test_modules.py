@@ -147,6 +147,25 @@ def test_torchscript_matches_nn(kind, kwargs, device):
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_torchscript_empty_inputs_as_nn(training):
+    """Scripted, an empty batch passes through as nn's (a copy; the counter counts it in
+    training, the running statistics stay), even with float64 input in a float32 module, and a
+    module with no channels fails with nn's error."""
+    for x in (torch.randn(0, 3, 4, 4), torch.randn(0, 3, 4, 4, dtype=torch.float64)):
+        ref, mine = script(nn.BatchNorm2d(3).train(training)), script(bn_cuda.BatchNorm2d(3).train(training))
+        expected, out = ref(x), mine(x)
+        assert out.shape == expected.shape and out.dtype == expected.dtype
+        assert int(mine.num_batches_tracked) == int(ref.num_batches_tracked) == int(training)
+        assert torch.equal(mine.running_mean, ref.running_mean) and torch.equal(mine.running_var, ref.running_var)
+    errors = []
+    for cls in (nn.BatchNorm2d, bn_cuda.BatchNorm2d):
+        with pytest.raises(RuntimeError) as info:
+            script(cls(0).train(training))(torch.randn(2, 0, 4, 4))
+        errors.append(str(info.value).strip().splitlines()[-1])
+    assert errors[1] == errors[0] and "select()" in errors[0]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize(
     "module_dtype, input_dtype",
     [(torch.float32, torch.float64), (torch.float16, torch.float32), (torch.float64, torch.float32)],
