@@ -421,9 +421,20 @@ Welford channel_stats_ncl(const scalar_t* x, const ChannelView& v, int64_t c) {
   return s;
 }
 
+// A pivot p for one-pass sums of d = x - pivot, rounded to the input's dtype (fallback where that
+// is not finite). For half and bfloat16 input, d is then exact in float: a pivot with low bits
+// of its own would put the same rounding into every d, the float sums of d would round the same
+// way row after row, and the mean would drift by ~1e-6 std (half input, 256-row blocks) where a
+// pivot on the input's grid leaves ~1e-8. float and double keep p.
+template <typename scalar_t, typename acc_t>
+acc_t pivot_on_input_grid(acc_t p, acc_t fallback) {
+  const acc_t on_grid = static_cast<acc_t>(static_cast<scalar_t>(p));
+  return std::isfinite(on_grid) ? on_grid : fallback;
+}
+
 // Statistics of channels [c0, c1) of a channels-first view with short planes (kMemoryOrderPlane),
 // read once in memory order (sum_planes): the sums of d = x - pivot and d^2, the pivot the mean
-// of the channel's first plane. As in channel_stats_nlc, (mean, m2) come from those sums where the
+// of the channel's first plane (on the input's grid: pivot_on_input_grid). As in channel_stats_nlc, (mean, m2) come from those sums where the
 // channel's mean lies within ~3.9 std of its pivot (kOnePassShift); a channel that does not (its
 // first plane far from the rest, non-finite values) is read again by channel_stats_ncl's two
 // passes, which are as accurate as a two-pass algorithm.
@@ -442,8 +453,7 @@ std::vector<Welford> plane_stats(const scalar_t* x, const ChannelView& v, int64_
   std::vector<acc_t> pivot(channels);
   for (int64_t j = 0; j < channels; ++j) {
     const acc_t first = static_cast<acc_t>(x[(c0 + j) * L]);
-    const acc_t p = first + static_cast<acc_t>(totals[j] / static_cast<double>(L));
-    pivot[j] = std::isfinite(p) ? p : first;
+    pivot[j] = pivot_on_input_grid<scalar_t>(first + static_cast<acc_t>(totals[j] / static_cast<double>(L)), first);
   }
   const acc_t* const pivot_p = pivot.data();
   sum_planes<2, false>(
@@ -516,7 +526,7 @@ void add_to_double(int64_t n, bool first, const acc_t* part, double* total) {
 // Channels-last statistics, one state per channel. Each block of rows is reduced into per-channel
 // float sums, gathered into its group's states; groups are merged in group order.
 // A block is read once from memory, for the sums of d = x - pivot and d^2, with the pivot the
-// mean of the first kPivotRows rows (rounded to acc_t). Where every channel's block mean lies
+// mean of the first kPivotRows rows (on the input's grid: pivot_on_input_grid). Where every channel's block mean lies
 // near the pivot (|mean - pivot| <= ~3.9 std of the block: the squared shift is at most
 // kOnePassShift of the mean of d^2), the block's sums are added, in double, to the group's sums
 // of its one-pass blocks, and (mean, m2) come from those at the group's end: the cancellation in
@@ -540,8 +550,8 @@ std::vector<Welford> channel_stats_nlc(const scalar_t* x, const ChannelView& v) 
     acc_t* sums[] = {shift.data()};
     accumulate_rows<1, false>(x, x, C, rows, C, shifted_op(PerLane<acc_t>{pivot_values.data()}), sums);
     for (int64_t c = 0; c < C; ++c) {
-      const acc_t p = pivot_values[c] + shift[c] / static_cast<acc_t>(rows);
-      if (std::isfinite(p)) pivot_values[c] = p;
+      pivot_values[c] = pivot_on_input_grid<scalar_t>(pivot_values[c] + shift[c] / static_cast<acc_t>(rows),
+                                                      pivot_values[c]);
     }
   }
   const PerLane<acc_t> pivot{pivot_values.data()};
