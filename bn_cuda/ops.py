@@ -26,12 +26,33 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
-    # The kernels write outputs dense in input.suggest_memory_format() (4D/5D only).
-    return suggest_memory_format(x) if x.dim() in (4, 5) else torch.contiguous_format
+    """The format the kernels write outputs dense in (csrc/op_checks.h, view_format): 4D/5D only;
+    on the CPU the one the input is dense in (contiguous first), else suggest_memory_format."""
+    if x.dim() not in (4, 5):
+        return torch.contiguous_format
+    if x.device.type == "cpu":
+        if x.is_contiguous():
+            return torch.contiguous_format
+        channels_last = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        if x.is_contiguous(memory_format=channels_last):
+            return channels_last
+    return suggest_memory_format(x)
 
 
-def _empty_like_input(x: Tensor) -> Tensor:
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+def _grad_input_format(x: Tensor, grad_output: Tensor) -> torch.memory_format:
+    """The format of grad_input (csrc/op_checks.h, grad_input_format): on the CPU, where
+    _memory_format(x) is not x's suggest_memory_format, it holds only where grad_output is dense
+    with the same suggested format as x (PyTorch's CPU backward)."""
+    fmt = _memory_format(x)
+    if x.device.type != "cpu" or x.dim() not in (4, 5) or fmt == suggest_memory_format(x):
+        return fmt
+    dense = grad_output.is_contiguous() or grad_output.is_contiguous(memory_format=fmt)
+    return fmt if dense and suggest_memory_format(grad_output) == suggest_memory_format(x) else suggest_memory_format(x)
+
+
+def _empty_like_input(x: Tensor, memory_format: torch.memory_format | None = None) -> Tensor:
+    fmt = _memory_format(x) if memory_format is None else memory_format
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
 
 
 def _channel_stat(x: Tensor) -> Tensor:
@@ -105,7 +126,7 @@ def _backward_elemt_fake(grad_output, input, mean, invstd, weight, mean_dy, mean
         mean_dy=mean_dy,
         mean_dy_xmu=mean_dy_xmu,
     )
-    return _empty_like_input(input)
+    return _empty_like_input(input, _grad_input_format(input, grad_output))
 
 
 @torch.library.register_fake("bn_cuda::backward")
@@ -115,7 +136,9 @@ def _backward_fake(
     _check_devices("backward", "input", input, grad_output=grad_output, mean=mean, invstd=invstd, weight=weight)
     param_dtype = weight.dtype if weight is not None else acc_dtype(input.dtype)
     channels = input.shape[1]
-    grad_input = _empty_like_input(input) if output_mask[0] else input.new_empty((0,))
+    grad_input = (
+        _empty_like_input(input, _grad_input_format(input, grad_output)) if output_mask[0] else input.new_empty((0,))
+    )
     grad_weight = input.new_empty((channels if output_mask[1] else 0,), dtype=param_dtype)
     grad_bias = input.new_empty((channels if output_mask[2] else 0,), dtype=param_dtype)
     return grad_input, grad_weight, grad_bias

@@ -40,14 +40,43 @@ inline void check_input(const at::Tensor& input, const char* op) {
               input.layout());
 }
 
+// The memory format the kernels walk and write the outputs in (4D/5D input; else contiguous).
+// CPU, as PyTorch's CPU batch norm: the format the input is dense in, contiguous first, then
+// channels_last(_3d), else suggest_memory_format(). The two differ on channels_last inputs with
+// odd strides on a size-1 dim (an HWC image permuted and unsqueezed to 1xCxHxW), which
+// suggest_memory_format() calls contiguous. CUDA: suggest_memory_format(), as cuDNN's batch norm.
+// bn_cuda/ops.py's fake kernels follow the same rule.
 inline at::MemoryFormat view_format(const at::Tensor& input) {
-  return input.dim() == 4 || input.dim() == 5 ? input.suggest_memory_format() : at::MemoryFormat::Contiguous;
+  if (!input.defined() || (input.dim() != 4 && input.dim() != 5)) return at::MemoryFormat::Contiguous;
+  if (input.is_cpu()) {
+    if (input.is_contiguous()) return at::MemoryFormat::Contiguous;
+    const auto channels_last = input.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
+    if (input.is_contiguous(channels_last)) return channels_last;
+  }
+  return input.suggest_memory_format();
 }
 
-inline ChannelView channel_view(const at::Tensor& input, const char* op) {
+// The memory format of grad_input, as PyTorch's CPU backward picks it: view_format(input) where
+// input and grad_output are both dense and suggest_memory_format() names the same format for
+// both, else input.suggest_memory_format(). The two differ only for the odd-strided inputs of
+// view_format, whose grad_input PyTorch writes contiguous unless grad_output has such strides
+// too. CUDA: view_format(input).
+inline at::MemoryFormat grad_input_format(const at::Tensor& input, const at::Tensor& grad_output) {
+  const at::MemoryFormat format = view_format(input);
+  if (!input.defined() || !input.is_cpu() || !grad_output.defined() || format == input.suggest_memory_format()) {
+    return format;
+  }
+  const bool dense = grad_output.is_contiguous() || grad_output.is_contiguous(format);
+  return dense && grad_output.suggest_memory_format() == input.suggest_memory_format()
+             ? format
+             : input.suggest_memory_format();
+}
+
+// The input as (N, C, L) in `format` (a copy where it is not dense in it).
+inline ChannelView channel_view(const at::Tensor& input, const char* op, at::MemoryFormat format) {
   check_input(input, op);
   ChannelView v;
-  v.format = view_format(input);
+  v.format = input.dim() == 4 || input.dim() == 5 ? format : at::MemoryFormat::Contiguous;
   v.x = input.contiguous(v.format);
   v.N = input.size(0);
   v.C = input.size(1);
@@ -55,6 +84,10 @@ inline ChannelView channel_view(const at::Tensor& input, const char* op) {
   for (int64_t d = 2; d < input.dim(); ++d) v.L *= input.size(d);
   v.channels_last = v.format != at::MemoryFormat::Contiguous || v.L == 1;
   return v;
+}
+
+inline ChannelView channel_view(const at::Tensor& input, const char* op) {
+  return channel_view(input, op, view_format(input));
 }
 
 // An uninitialised tensor shaped like the input, dense in the view's memory format.

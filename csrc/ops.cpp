@@ -8,8 +8,9 @@
 // Dtypes: input is float32, float64, float16 or bfloat16. "acc" below is float64 for float64
 // input and float32 otherwise. Per-channel inputs may be any floating dtype (the Python layer
 // enforces PyTorch's dtype rules); outputs that are per-channel statistics are acc.
-// Layout: outputs shaped like input use input.suggest_memory_format() with contiguous strides in
-// that format (NCHW input -> NCHW output, channels_last -> channels_last).
+// Layout: outputs shaped like input are dense in the input's memory format (NCHW input -> NCHW
+// output, channels_last -> channels_last; view_format in op_checks.h says which for the
+// ambiguous cases).
 // Ops are functional except update_running_stats, whose schema declares what it mutates.
 #include <Python.h>
 #include <torch/library.h>

@@ -1,7 +1,7 @@
 """Memory layout (TESTPLAN 24-25): channels_last in, channels_last out (and grad); shapes where
 NCHW and channels_last strides coincide; grad_output in another layout than the input; permuted,
 sliced, expanded and transposed inputs. Values are PyTorch's on the same tensors, whatever the
-strides, and outputs are dense in the input's suggested memory format (csrc/ops.cpp).
+strides, and outputs are dense in the input's memory format (csrc/op_checks.h, view_format).
 """
 
 import pytest
@@ -78,8 +78,18 @@ def assert_matches_torch(x, grad_output, training):
     return actual
 
 
+def kernel_format(x):
+    """The format outputs are dense in: 4D/5D only; on the CPU PyTorch's CPU rule (the format the
+    input is dense in, contiguous first), else suggest_memory_format (cuDNN's choice)."""
+    if x.dim() not in (4, 5):
+        return torch.contiguous_format
+    if x.device.type == "cpu" and not x.is_contiguous() and x.is_contiguous(memory_format=CL[x.dim()]):
+        return CL[x.dim()]
+    return suggest_memory_format(x)
+
+
 def assert_dense_in_suggested_format(t, x):
-    fmt = suggest_memory_format(x) if x.dim() in (4, 5) else torch.contiguous_format
+    fmt = kernel_format(x)
     assert t.is_contiguous(memory_format=fmt), (t.stride(), x.stride())
 
 
@@ -166,6 +176,39 @@ def non_contiguous_inputs(device):
 
 
 NON_CONTIGUOUS = list(non_contiguous_inputs("cpu"))
+NON_CONTIGUOUS = list(non_contiguous_inputs("cpu"))
+
+
+def channels_last_odd_strides():
+    """Inputs dense in channels_last whose size-1 dims have strides suggest_memory_format() reads
+    as contiguous: images stored HWC, permuted and unsqueezed, as image pipelines make them."""
+    g = torch.Generator().manual_seed(0)
+    return {
+        "hwc-image": torch.randn(32, 32, 3, generator=g).permute(2, 0, 1)[None],
+        "nlc-unsqueezed": torch.randn(2, 5, 3, generator=g).transpose(1, 2).unsqueeze(-1),
+        "dhwc-volume": torch.randn(4, 4, 4, 3, generator=g).permute(3, 0, 1, 2)[None],
+    }
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("name", [*channels_last_odd_strides(), *NON_CONTIGUOUS, "ambiguous-n1hw"])
+def test_cpu_output_strides_as_pytorch(training, name):
+    """On the CPU, y and grad_input have the strides PyTorch's CPU batch norm gives them (its
+    rule, not suggest_memory_format: channels_last in, channels_last out, for the odd strides
+    of a permuted HWC image too; grad_input channels_last there only where grad_output has
+    those strides as well)."""
+    inputs = {**channels_last_odd_strides(), **non_contiguous_inputs("cpu")}
+    inputs["ambiguous-n1hw"] = torch.randn(4, 1, 9, 9).contiguous(memory_format=torch.channels_last)
+    x = inputs[name]
+    cls = CLS[x.dim()]
+    strides = []
+    for module in (getattr(nn, cls)(x.shape[1]), getattr(bn_cuda, cls)(x.shape[1])):
+        xi = x.clone(memory_format=torch.preserve_format).requires_grad_()
+        y = module.train(training)(xi)
+        # grad_output laid out like y, and like x (PyTorch's grad_input layout depends on both).
+        grads = [torch.autograd.grad(y, xi, torch.ones_like(g), retain_graph=True)[0] for g in (y, xi)]
+        strides.append((y.stride(), *(g.stride() for g in grads)))
+    assert strides[1] == strides[0]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -732,3 +732,30 @@ def test_chan_merge_of_chunk_stats(sizes, layout, dtype, device):
         assert math.isclose(float(full_mean[c]), float(ref_mean[c]), rel_tol=2e-5)
         assert math.isclose(mean, float(ref_mean[c]), rel_tol=2e-5)
         assert math.isclose(m2 / n, float(ref_var[c]), rel_tol=2e-5), (c, m2 / n, float(ref_var[c]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("grad_strides", ["odd", "channels_last", "contiguous"])
+def test_opcheck_channels_last_with_odd_strides(device, grad_strides):
+    """An HWC image permuted to 1xCxHxW is dense in channels_last with an odd stride on its size-1
+    batch dim: the fake kernels give the outputs the layout the kernels write (on the CPU,
+    channels_last for y, and for grad_input where grad_output is dense with that odd stride too)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 10, 3, generator=g).permute(2, 0, 1)[None].to(device)
+    dy = {
+        "odd": torch.randn(12, 10, 3, generator=g).permute(2, 0, 1)[None],
+        "channels_last": torch.randn(1, 3, 12, 10, generator=g).contiguous(memory_format=torch.channels_last),
+        "contiguous": torch.randn(1, 3, 12, 10, generator=g),
+    }[grad_strides].to(device)
+    w, b = torch.rand(3, device=device) + 0.5, torch.randn(3, device=device)
+    mean, invstd = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False).add(1e-5).rsqrt()
+    samples = [
+        (ops.forward_train.default, (x, w, b, 1e-5)),
+        (ops.forward_eval.default, (x, mean, invstd, w, b, 1e-5)),
+        (ops.normalize.default, (x, mean, invstd, w, b)),
+        (ops.backward.default, (dy, x, mean, invstd, w, True, [True, True, True])),
+        (ops.backward_elemt.default, (dy, x, mean, invstd, w, mean * 0.1, mean * 0.2)),
+    ]
+    for op, args in samples:
+        result = torch.library.opcheck(op, args)
+        assert set(result.values()) == {"SUCCESS"}, (op, result)

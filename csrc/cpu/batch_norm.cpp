@@ -1145,7 +1145,7 @@ at::Tensor backward_elemt(const at::Tensor& grad_output, const at::Tensor& input
                           const at::Tensor& invstd, const c10::optional<at::Tensor>& weight,
                           const at::Tensor& mean_dy, const at::Tensor& mean_dy_xmu) {
   const char* op = "backward_elemt";
-  const ChannelView v = channel_view(input, op);
+  const ChannelView v = channel_view(input, op, grad_input_format(input, grad_output));
   const at::Tensor dy = grad_like_view(grad_output, v, op);
   return grad_input_train(v, dy, channel_vector(mean, "mean", v, op), channel_vector(invstd, "invstd", v, op),
                           channel_vector(weight, "weight", v, 1.0, op), channel_vector(mean_dy, "mean_dy", v, op),
@@ -1238,7 +1238,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
                                                         const c10::optional<at::Tensor>& weight, bool training,
                                                         std::array<bool, 3> output_mask) {
   const char* op = "backward";
-  const ChannelView v = channel_view(input, op);
+  const ChannelView v = channel_view(input, op, grad_input_format(input, grad_output));
   const at::Tensor dy = grad_like_view(grad_output, v, op);
   const at::Tensor mean_acc = channel_vector(mean, "mean", v, op);
   const at::Tensor invstd_acc = channel_vector(invstd, "invstd", v, op);
