@@ -319,6 +319,7 @@ def _batch_norm_by_aten_ops(
         var, mean = torch.var_mean(x, dims, correction=0)
     else:
         assert running_mean is not None and running_var is not None  # checked
+        running_mean, running_var = _running_stats_without_tangents(running_mean, running_var, input, weight, bias)
         mean, var = running_mean.to(acc), running_var.to(acc)
     scale = torch.rsqrt(var + eps)
     if weight is not None:
@@ -329,12 +330,39 @@ def _batch_norm_by_aten_ops(
     return y.to(input.dtype), mean, var
 
 
+def _primal(t: Tensor) -> Tensor:
+    """t without its forward-mode tangent (a view of its values), inside a forward_ad dual level."""
+    return forward_ad.unpack_dual(t).primal if forward_ad._current_level >= 0 else t
+
+
+def _has_tangent(t: Tensor | None) -> bool:
+    return t is not None and forward_ad._current_level >= 0 and forward_ad.unpack_dual(t).tangent is not None
+
+
+def _running_stats_without_tangents(
+    running_mean: Tensor, running_var: Tensor, input: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The running statistics an eval call normalizes with, as PyTorch's forward-mode AD of
+    batch_norm sees them: not differentiable. Their tangents are left out of the output's; where
+    input, weight or bias carries one too, PyTorch refuses the call."""
+    if not (_has_tangent(running_mean) or _has_tangent(running_var)):
+        return running_mean, running_var
+    if _has_tangent(input) or _has_tangent(weight) or _has_tangent(bias):
+        raise RuntimeError(
+            "batch_norm is not differentiable wrt running_mean and running_var, they cannot have forward grad defined"
+        )
+    return _primal(running_mean), _primal(running_var)
+
+
 def _blend_by_aten_ops(
     running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: int, factor: float | Tensor
 ) -> None:
     """update_running_stats's blend as ATen ops, for calls under function transforms: vmap batches
     these over stacked buffers (model ensembling: torch.func.stack_module_state and
-    functional_call), as it does nn.BatchNorm's update, where the op has no batching rule."""
+    functional_call), as it does nn.BatchNorm's update, where the op has no batching rule. Under
+    forward-mode AD only the values move: PyTorch's kernel updates them below autograd, so a
+    tangent they carry stays as it was."""
+    running_mean, running_var = _primal(running_mean), _primal(running_var)
     unbiased_var = var * (count / (count - 1))
     running_mean.copy_(mean * factor + running_mean * (1 - factor))
     running_var.copy_(unbiased_var * factor + running_var * (1 - factor))

@@ -109,6 +109,42 @@ def test_forward_mode_ad_dual_tensors(training, device):
     assert_same_buffers(mine, ref)
 
 
+def dual_running_stats_outcome(f, duals, training, device):
+    """f(input, running_mean, running_var, weight) with forward-mode tangents on the arguments
+    whose indices are in `duals`: the error's type and text, or the output's tangent and the
+    running mean's values and tangent after the call."""
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(3, 2, 5, generator=g), torch.randn(2, generator=g), torch.rand(2, generator=g) + 0.5]
+    args = [a.to(device) for a in [*args, torch.rand(2, generator=g)]]
+    with fwAD.dual_level():
+        args = [fwAD.make_dual(a, torch.ones_like(a)) if i in duals else a for i, a in enumerate(args)]
+        try:
+            y = f(*args, training=training, momentum=0.1)
+        except RuntimeError as error:
+            return str(error)
+        running_mean = fwAD.unpack_dual(args[1])
+        return fwAD.unpack_dual(y).tangent, running_mean.primal.clone(), running_mean.tangent
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("duals", [(1,), (1, 2), (0, 1), (0, 2), (0, 1, 2), (1, 3), (0, 3)], ids=str)
+def test_forward_mode_ad_of_running_statistics_as_nn(duals, training, device):
+    """The running statistics are not differentiable, as in PyTorch: in eval their tangents stay
+    out of the output's, and with a tangent on input or weight too the call raises nn's error;
+    in training the update moves their values only (their tangents stay)."""
+    ours = dual_running_stats_outcome(BF.batch_norm, duals, training, device)
+    theirs = dual_running_stats_outcome(F.batch_norm, duals, training, "cpu")
+    if isinstance(theirs, str):
+        assert ours == theirs and "not differentiable wrt running_mean" in theirs
+        return
+    assert not isinstance(ours, str), ours
+    for got, expected in zip(ours, theirs, strict=True):
+        assert (got is None) == (expected is None)
+        if expected is not None:
+            torch.testing.assert_close(got.cpu(), expected)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
 def test_forward_mode_ad_empty_batch_and_cumulative_average(momentum, device):
