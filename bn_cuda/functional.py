@@ -112,7 +112,12 @@ def _plainly_valid(
     """True for a call that check_batch_norm_args's full check accepts, tested in about half its
     time (it runs on every batch-norm call); False sends the call on to that check, which finds
     the first problem in PyTorch's order. Never raises."""
-    if not isinstance(input, Tensor) or eps <= 0.0 or input.dim() < 2 or input.dtype not in _SUPPORTED_DTYPES:
+    if (
+        not isinstance(input, Tensor)
+        or not (isinstance(eps, float) and eps > 0.0)
+        or input.dim() < 2
+        or input.dtype not in _SUPPORTED_DTYPES
+    ):
         return False
     channels = input.shape[1]
     if channels == 0 or (training and input.numel() // channels == 1):
@@ -153,7 +158,76 @@ def check_batch_norm_args(
     let through by a quicker test first."""
     if _plainly_valid(input, running_mean, running_var, weight, bias, training, eps):
         return
-    # Positions as in torch.batch_norm(input, weight, bias, running_mean, running_var, ...).
+    _check_before_parser(input, running_mean, running_var, weight, bias, training, eps)
+    if input.numel() == 0:
+        # PyTorch's batch_norm checks nothing more for an empty input (batch_norm_empty) but reads
+        # weight[0] and bias[0]: an IndexError where those are empty, here with a clear message.
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is not None and t.numel() == 0:
+                raise IndexError(_empty_parameter_message(name, input))
+        return
+    if input.dim() < 2:
+        raise ValueError(f"expected at least 2D input (N, C, ...) (got {input.dim()}D input)")
+    channels = input.shape[1]
+    # The rest in the order PyTorch reports them: sizes, running statistics that require grad,
+    # one of them missing, devices, parameter dtypes, the input's dtype.
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is None:
+            if not training:
+                raise RuntimeError(f"{name} must be defined in evaluation mode")
+        elif t.numel() != channels:
+            raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.numel() != channels:
+            raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
+    if torch.is_grad_enabled():
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t is not None and t.requires_grad:
+                raise RuntimeError(
+                    f"The function 'native_batch_norm' is not differentiable with respect to argument '{name}'. "
+                    "This input cannot have requires_grad True."
+                )
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    params = {"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var}
+    for name, t in params.items():
+        if t is not None and t.device != input.device:
+            raise RuntimeError(
+                "Expected all tensors to be on the same device, but found at least two devices, "
+                f"{input.device} and {t.device}! ({name})"
+            )
+    if input.dtype in _SUPPORTED_DTYPES:
+        check_param_dtypes(input, weight, bias, running_mean, running_var, training)
+    else:
+        raise NotImplementedError(f"\"batch_norm\" not implemented for '{dtype_name(input.dtype)}'")
+
+
+def _check_before_parser(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    eps: float,
+) -> None:
+    """What torch.nn.functional.batch_norm raises before anything else, in its order: its batch
+    size and eps checks (on whatever it was given: a list input fails on .size() alike), then
+    its parser's, for the tensor arguments (positions as in torch.batch_norm)."""
+    if training:
+        size = input.size()
+        count = size[0]
+        for d in size[2:]:
+            count *= d
+        if count == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+    # The comparisons F.batch_norm makes (a None eps fails on them with its TypeError); eps = 0 in
+    # eval goes to torch too, whose rule for it changed between releases.
+    if training:
+        if eps <= 0.0:
+            _check_eps_like_torch(eps, training)
+    elif eps < 0.0 or eps == 0.0:
+        _check_eps_like_torch(eps, training)
     arguments = (
         ("input", input),
         ("weight", weight),
@@ -166,54 +240,6 @@ def check_batch_norm_args(
             raise TypeError(
                 f"batch_norm(): argument '{name}' (position {position}) must be Tensor, not {_type_name(t)}"
             )
-    if training and input.dim() >= 1:
-        size = input.size()
-        count = size[0]
-        for d in size[2:]:
-            count *= d
-        if count == 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
-    if eps <= 0.0:
-        _check_eps_like_torch(eps, training)
-    if input.numel() == 0:
-        # PyTorch's batch_norm checks nothing more for an empty input (batch_norm_empty) but reads
-        # weight[0] and bias[0]: an IndexError where those are empty, here with a clear message.
-        for name, t in (("weight", weight), ("bias", bias)):
-            if t is not None and t.numel() == 0:
-                raise IndexError(_empty_parameter_message(name, input))
-        return
-    if input.dim() < 2:
-        raise ValueError(f"expected at least 2D input (N, C, ...) (got {input.dim()}D input)")
-    if input.dtype not in _SUPPORTED_DTYPES:
-        raise NotImplementedError(f"\"batch_norm\" not implemented for '{dtype_name(input.dtype)}'")
-    channels = input.shape[1]
-    # Checked in PyTorch's order, so that the first problem reported is the one PyTorch reports.
-    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        if t is None:
-            if not training:
-                raise RuntimeError(f"{name} must be defined in evaluation mode")
-        elif t.numel() != channels:
-            raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.numel() != channels:
-            raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must either both be None or neither be None")
-    params = {"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var}
-    for name, t in params.items():
-        if t is not None and t.device != input.device:
-            raise RuntimeError(
-                "Expected all tensors to be on the same device, but found at least two devices, "
-                f"{input.device} and {t.device}! ({name})"
-            )
-    check_param_dtypes(input, weight, bias, running_mean, running_var, training)
-    if torch.is_grad_enabled():
-        for name in ("running_mean", "running_var"):
-            if params[name] is not None and params[name].requires_grad:
-                raise RuntimeError(
-                    f"The function 'batch_norm' is not differentiable with respect to argument '{name}'. "
-                    "This input cannot have requires_grad True."
-                )
 
 
 def _empty_parameter_message(name: str, input: Tensor) -> str:
@@ -444,12 +470,16 @@ def batch_norm(
     # The argument types torch.batch_norm's parser takes: a bool for training; for momentum a
     # Python or NumPy number or a 0-dim tensor that does not require grad. None is nn.BatchNorm's
     # cumulative-average switch, not a value the functional form takes.
+    # Those errors come after F.batch_norm's own checks (batch size, eps) and the parser's of the
+    # tensor arguments, which come first in its argument list.
     if not isinstance(training, bool):
+        _check_before_parser(input, running_mean, running_var, weight, bias, training, eps)
         raise TypeError(f"batch_norm(): argument 'training' (position 6) must be bool, not {_type_name(training)}")
     if isinstance(momentum, Tensor) and momentum.dim() == 0 and not momentum.requires_grad:
         momentum = float(momentum.real) if momentum.is_complex() else momentum.item()
     elif _is_numpy_number(momentum):
         momentum = float(momentum.real)  # PyTorch's parser, too, drops an imaginary part
     elif not isinstance(momentum, (int, float)):
+        _check_before_parser(input, running_mean, running_var, weight, bias, training, eps)
         raise TypeError(f"batch_norm(): argument 'momentum' (position 7) must be float, not {_type_name(momentum)}")
     return batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps)
