@@ -244,3 +244,48 @@ def test_non_contiguous_grad_output(device, training, x_format, grad_kind):
     assert not g.is_contiguous() and not g.is_contiguous(memory_format=torch.channels_last)
     grad_input = assert_matches_torch(x, g, training)[1]
     assert grad_input.is_contiguous(memory_format=x_format)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("grad_format", [torch.contiguous_format, torch.channels_last])
+def test_gradients_of_odd_strided_channels_last_input(device, training, grad_format):
+    """A permuted HWC image (dense in channels_last, odd stride on its size-1 batch dim) with
+    grad_output in either layout: the gradients of the definition, in float64. PyTorch 2.14's CPU
+    backward reads such an input as NCHW when grad_output is NCHW, and its dx and dweight are off
+    by O(1) there."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 6, 3, generator=g).permute(2, 0, 1)[None].to(device).requires_grad_()
+    grad_output = torch.randn(1, 3, 5, 6, generator=g).to(device).contiguous(memory_format=grad_format)
+    weight = torch.tensor([1.0, 2.0, 3.0], device=device, requires_grad=True)
+    running_mean, running_var = torch.randn(3, generator=g).to(device), torch.rand(3, generator=g).to(device) + 0.5
+    out = bn_cuda.functional.batch_norm(x, running_mean.clone(), running_var.clone(), weight, None, training)
+    grads = torch.autograd.grad(out, (x, weight), grad_output)
+    x64 = x.detach().double().requires_grad_()
+    w64 = weight.detach().double().requires_grad_()
+    ref = reference_batch_norm(x64, w64, training=training, running_mean=running_mean, running_var=running_var)[0]
+    expected = torch.autograd.grad(ref, (x64, w64), grad_output.double())
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(4, 3), (4, 3, 1), (4, 3, 1, 1), (4, 3, 2)])
+def test_gradients_with_strided_weight(device, training, shape):
+    """A weight that is a strided view (every other value of a longer tensor): the gradients of
+    the definition. PyTorch 2.14's CPU backward gets dx wrong by O(1) for such a weight when the
+    spatial size is 1."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(device).requires_grad_()
+    grad_output = torch.randn(shape, generator=g).to(device)
+    weight = torch.randn(6, generator=g).to(device)[::2].requires_grad_()
+    running_mean, running_var = torch.randn(3, generator=g).to(device), torch.rand(3, generator=g).to(device) + 0.5
+    out = bn_cuda.functional.batch_norm(x, running_mean.clone(), running_var.clone(), weight, None, training)
+    grads = torch.autograd.grad(out, (x, weight), grad_output)
+    x64 = x.detach().double().requires_grad_()
+    w64 = weight.detach().double().requires_grad_()
+    ref = reference_batch_norm(x64, w64, training=training, running_mean=running_mean, running_var=running_var)[0]
+    expected = torch.autograd.grad(ref, (x64, w64), grad_output.double())
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
