@@ -223,10 +223,7 @@ def _check_before_parser(
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
     # The comparisons F.batch_norm makes (a None eps fails on them with its TypeError); eps = 0 in
     # eval goes to torch too, whose rule for it changed between releases.
-    if training:
-        if eps <= 0.0:
-            _check_eps_like_torch(eps, training)
-    elif eps < 0.0 or eps == 0.0:
+    if (eps <= 0.0) if training else (eps < 0.0 or eps == 0.0):
         _check_eps_like_torch(eps, training)
     arguments = (
         ("input", input),
