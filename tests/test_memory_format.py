@@ -246,6 +246,22 @@ def test_non_contiguous_grad_output(device, training, x_format, grad_kind):
     assert grad_input.is_contiguous(memory_format=x_format)
 
 
+def assert_gradients_of_definition(x, weight, grad_output, training, generator):
+    """bn_cuda's (dx, dweight) for x (requires grad) and weight are those of the definition in
+    float64; in eval with running statistics drawn from `generator`."""
+    c = x.shape[1]
+    running_mean = torch.randn(c, generator=generator).to(x.device)
+    running_var = torch.rand(c, generator=generator).to(x.device) + 0.5
+    out = bn_cuda.functional.batch_norm(x, running_mean.clone(), running_var.clone(), weight, None, training)
+    grads = torch.autograd.grad(out, (x, weight), grad_output)
+    x64 = x.detach().double().requires_grad_()
+    w64 = weight.detach().double().requires_grad_()
+    ref = reference_batch_norm(x64, w64, training=training, running_mean=running_mean, running_var=running_var)[0]
+    expected = torch.autograd.grad(ref, (x64, w64), grad_output.double())
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("grad_format", [torch.contiguous_format, torch.channels_last])
@@ -258,15 +274,7 @@ def test_gradients_of_odd_strided_channels_last_input(device, training, grad_for
     x = torch.randn(5, 6, 3, generator=g).permute(2, 0, 1)[None].to(device).requires_grad_()
     grad_output = torch.randn(1, 3, 5, 6, generator=g).to(device).contiguous(memory_format=grad_format)
     weight = torch.tensor([1.0, 2.0, 3.0], device=device, requires_grad=True)
-    running_mean, running_var = torch.randn(3, generator=g).to(device), torch.rand(3, generator=g).to(device) + 0.5
-    out = bn_cuda.functional.batch_norm(x, running_mean.clone(), running_var.clone(), weight, None, training)
-    grads = torch.autograd.grad(out, (x, weight), grad_output)
-    x64 = x.detach().double().requires_grad_()
-    w64 = weight.detach().double().requires_grad_()
-    ref = reference_batch_norm(x64, w64, training=training, running_mean=running_mean, running_var=running_var)[0]
-    expected = torch.autograd.grad(ref, (x64, w64), grad_output.double())
-    for got, want in zip(grads, expected, strict=True):
-        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    assert_gradients_of_definition(x, weight, grad_output, training, g)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -280,12 +288,4 @@ def test_gradients_with_strided_weight(device, training, shape):
     x = torch.randn(shape, generator=g).to(device).requires_grad_()
     grad_output = torch.randn(shape, generator=g).to(device)
     weight = torch.randn(6, generator=g).to(device)[::2].requires_grad_()
-    running_mean, running_var = torch.randn(3, generator=g).to(device), torch.rand(3, generator=g).to(device) + 0.5
-    out = bn_cuda.functional.batch_norm(x, running_mean.clone(), running_var.clone(), weight, None, training)
-    grads = torch.autograd.grad(out, (x, weight), grad_output)
-    x64 = x.detach().double().requires_grad_()
-    w64 = weight.detach().double().requires_grad_()
-    ref = reference_batch_norm(x64, w64, training=training, running_mean=running_mean, running_var=running_var)[0]
-    expected = torch.autograd.grad(ref, (x64, w64), grad_output.double())
-    for got, want in zip(grads, expected, strict=True):
-        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    assert_gradients_of_definition(x, weight, grad_output, training, g)
