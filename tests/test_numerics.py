@@ -325,6 +325,27 @@ def test_non_finite_value_poisons_only_its_channel(device, bad, memory_format, s
     assert torch.isfinite(y[:, ok]).all()
 
 
+@pytest.mark.parametrize("memory_format", MEMORY_FORMATS)
+@pytest.mark.parametrize("shape", [(4, 3, 5, 5), (64, 3, 7, 7), (4, 3, 80, 80), (300, 3, 2, 2)])
+@pytest.mark.parametrize("where", ["first", "last", "opposite at both", "with a NaN"])
+def test_inf_in_a_channel_gives_pytorchs_cpu_statistics(memory_format, shape, where):
+    """CPU: a channel holding Infs of one sign has that Inf as its mean, as PyTorch's CPU kernel
+    gives it (Infs of both signs or a NaN: NaN), wherever the Inf sits: as the channel's first
+    value too, which the statistics use as their pivot, and across every path of the CPU
+    statistics (short planes, long planes, channels-last one-pass blocks and two-pass blocks)."""
+    x = normal(shape, 0.5, 2.0, "cpu")
+    if where != "last":
+        x[0, 1, 0, 0] = float("inf")
+    if where != "first":
+        x[-1, 1, -1, -1] = {"last": float("inf"), "opposite at both": -float("inf"), "with a NaN": float("nan")}[where]
+    x = x.contiguous(memory_format=memory_format)
+    ref, m = nn.BatchNorm2d(3), bn_cuda.BatchNorm2d(3)
+    ref(x), m(x)
+    for got, expected in [(m.running_mean, ref.running_mean), (m.running_var, ref.running_var)]:
+        torch.testing.assert_close(got, expected, equal_nan=True)
+    torch.testing.assert_close(torch.ops.bn_cuda.stats(x)[0][1].float(), ref.running_mean[1] * 10, equal_nan=True)
+
+
 # ---- 22: float16 values whose squares overflow -----------------------------------------------------
 
 

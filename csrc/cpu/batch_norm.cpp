@@ -403,11 +403,45 @@ Welford chunk_state(double pivot, double m, double se, double see, int64_t count
   return Welford{mean, m2, count};
 }
 
+// A channel's first value as the pivot of its sums, or 0 where it is Inf or NaN: an infinite
+// pivot would turn every x - pivot into Inf or NaN, and the mean of a channel holding one Inf
+// into NaN where it is that Inf (PyTorch's, too).
+template <typename scalar_t>
+opmath_t<scalar_t> first_value_pivot(scalar_t first) {
+  const auto p = static_cast<opmath_t<scalar_t>>(first);
+  return std::isfinite(p) ? p : opmath_t<scalar_t>(0);
+}
+
+// The mean of channel c as a plain sum in double, for a channel whose statistics came out NaN:
+// where its values hold Infs of one sign and no NaN, its mean is that Inf (as PyTorch's CPU
+// kernel gives it), which the pivoted sums turn into NaN (Inf - Inf). One strided pass, only for
+// such channels.
+template <typename scalar_t>
+double plain_channel_mean(const scalar_t* x, const ChannelView& v, int64_t c) {
+  double sum = 0;
+  if (v.channels_last) {
+    for (int64_t r = 0; r < v.count(); ++r) sum += static_cast<double>(x[r * v.C + c]);
+  } else {
+    for (int64_t n = 0; n < v.N; ++n) {
+      const scalar_t* plane = x + (n * v.C + c) * v.L;
+      for (int64_t l = 0; l < v.L; ++l) sum += static_cast<double>(plane[l]);
+    }
+  }
+  return sum / static_cast<double>(v.count());
+}
+
+// A channel's state with its mean fixed up by plain_channel_mean where it is NaN.
+template <typename scalar_t>
+Welford with_plain_mean_if_nan(Welford s, const scalar_t* x, const ChannelView& v, int64_t c) {
+  if (std::isnan(s.mean)) s.mean = plain_channel_mean(x, v, c);
+  return s;
+}
+
 // Channel c of a channels-first view: Chan merge of its chunk states, in chunk order.
 template <typename scalar_t>
 Welford channel_stats_ncl(const scalar_t* x, const ChannelView& v, int64_t c) {
   using acc_t = opmath_t<scalar_t>;
-  const Scalar<acc_t> pivot{static_cast<acc_t>(x[c * v.L])};
+  const Scalar<acc_t> pivot{first_value_pivot(x[c * v.L])};
   const int64_t stride = v.C * v.L;
   Welford s;
   const int64_t prefetch = next_channel_prefetch(v, c);
@@ -434,10 +468,11 @@ acc_t pivot_on_input_grid(acc_t p, acc_t fallback) {
 
 // Statistics of channels [c0, c1) of a channels-first view with short planes (kMemoryOrderPlane),
 // read once in memory order (sum_planes): the sums of d = x - pivot and d^2, the pivot the mean
-// of the channel's first plane (on the input's grid: pivot_on_input_grid). As in channel_stats_nlc, (mean, m2) come from those sums where the
-// channel's mean lies within ~3.9 std of its pivot (kOnePassShift); a channel that does not (its
-// first plane far from the rest, non-finite values) is read again by channel_stats_ncl's two
-// passes, which are as accurate as a two-pass algorithm.
+// of the channel's first plane (on the input's grid: pivot_on_input_grid). As in
+// channel_stats_nlc, (mean, m2) come from those sums where the channel's mean lies within ~3.9
+// std of its pivot (kOnePassShift); a channel that does not (its first plane far from the rest,
+// non-finite values) is read again by channel_stats_ncl's two passes, which are as accurate as a
+// two-pass algorithm.
 template <typename scalar_t>
 std::vector<Welford> plane_stats(const scalar_t* x, const ChannelView& v, int64_t c0, int64_t c1) {
   using acc_t = opmath_t<scalar_t>;
@@ -447,12 +482,12 @@ std::vector<Welford> plane_stats(const scalar_t* x, const ChannelView& v, int64_
   sum_planes<1, false>(
       x, x, /*N=*/1, v.C, L, c0, c1,
       [x, L](int64_t c) __attribute__((always_inline)) {
-        return shifted_op(Scalar<acc_t>{static_cast<acc_t>(x[c * L])});
+        return shifted_op(Scalar<acc_t>{first_value_pivot(x[c * L])});
       },
       totals.data());
   std::vector<acc_t> pivot(channels);
   for (int64_t j = 0; j < channels; ++j) {
-    const acc_t first = static_cast<acc_t>(x[(c0 + j) * L]);
+    const acc_t first = first_value_pivot(x[(c0 + j) * L]);
     pivot[j] = pivot_on_input_grid<scalar_t>(first + static_cast<acc_t>(totals[j] / static_cast<double>(L)), first);
   }
   const acc_t* const pivot_p = pivot.data();
@@ -526,24 +561,26 @@ void add_to_double(int64_t n, bool first, const acc_t* part, double* total) {
 // Channels-last statistics, one state per channel. Each block of rows is reduced into per-channel
 // float sums, gathered into its group's states; groups are merged in group order.
 // A block is read once from memory, for the sums of d = x - pivot and d^2, with the pivot the
-// mean of the first kPivotRows rows (on the input's grid: pivot_on_input_grid). Where every channel's block mean lies
-// near the pivot (|mean - pivot| <= ~3.9 std of the block: the squared shift is at most
-// kOnePassShift of the mean of d^2), the block's sums are added, in double, to the group's sums
-// of its one-pass blocks, and (mean, m2) come from those at the group's end: the cancellation in
-// m2 = sum d^2 - (sum d)^2 / n then costs at most a factor 1 / (1 - kOnePassShift) = 16 in
-// relative error (each block's sum of d^2 is at most 16 times its own m2, so the group's is at
-// most 16 times the group's m2). Else (a block far from the first rows, constant or non-finite
-// channels) the block, now in L2, is read again for the deviations from its own mean (the sums
-// of e = d - m and e^2), as a two-pass algorithm does, and its state, as accurate as that, is
-// merged into the group's by Chan's formula.
+// mean of the first kPivotRows rows (on the input's grid: pivot_on_input_grid). Where every
+// channel's block mean lies near the pivot (|mean - pivot| <= ~3.9 std of the block: the squared
+// shift is at most kOnePassShift of the mean of d^2), the block's sums are added, in double, to
+// the group's sums of its one-pass blocks, and (mean, m2) come from those at the group's end: the
+// cancellation in m2 = sum d^2 - (sum d)^2 / n then costs at most a factor 1 / (1 -
+// kOnePassShift) = 16 in relative error (each block's sum of d^2 is at most 16 times its own m2,
+// so the group's is at most 16 times the group's m2). Else (a block far from the first rows,
+// constant or non-finite channels) the block, now in L2, is read again for the deviations from
+// its own mean (the sums of e = d - m and e^2), as a two-pass algorithm does, and its state, as
+// accurate as that, is merged into the group's by Chan's formula.
 template <typename scalar_t>
 std::vector<Welford> channel_stats_nlc(const scalar_t* x, const ChannelView& v) {
   using acc_t = opmath_t<scalar_t>;
   const int64_t C = v.C;
   const RowSplit split(v);
-  // The pivot: row 0 plus the mean shift of the first kPivotRows rows from it, where that is
-  // finite (a pivot within a few std of each block's mean is all the one-pass sums need).
-  std::vector<acc_t> pivot_values(x, x + C);
+  // The pivot: row 0 (first_value_pivot) plus the mean shift of the first kPivotRows rows from
+  // it, where that is finite (a pivot within a few std of each block's mean is all the one-pass
+  // sums need).
+  std::vector<acc_t> pivot_values(C);
+  for (int64_t c = 0; c < C; ++c) pivot_values[c] = first_value_pivot(x[c]);
   {
     const int64_t rows = std::min(split.rows, kPivotRows);
     std::vector<acc_t> shift(C);
@@ -771,14 +808,14 @@ std::tuple<at::Tensor, at::Tensor> compute_stats(const ChannelView& v) {
       if (v.channels_last) {
         const auto states = channel_stats_nlc(x, v);
         for (int64_t c = 0; c < v.C; ++c) {
-          mean_p[c] = states[c].mean;
+          mean_p[c] = with_plain_mean_if_nan(states[c], x, v, c).mean;
           var_p[c] = welford_variance(states[c]);
         }
       } else {
         at::parallel_for(0, v.C, channel_grain(v), [&](int64_t c0, int64_t c1) {
           const std::vector<Welford> states = channels_stats_ncl(x, v, c0, c1);
           for (int64_t c = c0; c < c1; ++c) {
-            mean_p[c] = states[c - c0].mean;
+            mean_p[c] = with_plain_mean_if_nan(states[c - c0], x, v, c).mean;
             var_p[c] = welford_variance(states[c - c0]);
           }
         });
@@ -867,7 +904,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_train(const a
       // folds.
       const auto set_channel = [&](int64_t c, const Welford& s) __attribute__((always_inline)) {
         const double channel_var = welford_variance(s);
-        mean_p[c] = static_cast<acc_t>(s.mean);
+        mean_p[c] = static_cast<acc_t>(with_plain_mean_if_nan(s, x, v, c).mean);
         var_p[c] = static_cast<acc_t>(channel_var);
         invstd_p[c] = static_cast<acc_t>(1.0 / std::sqrt(channel_var + eps));
         scales[c] = invstd_p[c] * w_p[c];
