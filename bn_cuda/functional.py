@@ -151,15 +151,18 @@ def check_batch_norm_args(
     bias: Tensor | None,
     training: bool,
     eps: float,
+    group_batch: bool = False,
 ) -> None:
     """Raises what torch.nn.functional.batch_norm raises for these arguments (with a clear message
     where PyTorch's is opaque: a ValueError for fewer than 2 dims, an IndexError as PyTorch's for
     no channels): every rule, the first violation in PyTorch's order. The common valid call is
-    let through by a quicker test first."""
-    if _plainly_valid(input, running_mean, running_var, weight, bias, training, eps):
+    let through by a quicker test first. ``group_batch``: input is one rank's part of a batch
+    over a process group (SyncBatchNorm in training), which may hold one value per channel or
+    none: no batch-size check here, and an empty part is checked as any other."""
+    if not group_batch and _plainly_valid(input, running_mean, running_var, weight, bias, training, eps):
         return
-    _check_before_parser(input, running_mean, running_var, weight, bias, training, eps)
-    if input.numel() == 0:
+    _check_before_parser(input, running_mean, running_var, weight, bias, training, eps, not group_batch)
+    if input.numel() == 0 and not group_batch:
         # PyTorch's batch_norm checks nothing more for an empty input (batch_norm_empty) but reads
         # weight[0] and bias[0]: an IndexError where those are empty, here with a clear message.
         for name, t in (("weight", weight), ("bias", bias)):
@@ -210,11 +213,12 @@ def _check_before_parser(
     bias: Tensor | None,
     training: bool,
     eps: float,
+    check_batch_size: bool = True,
 ) -> None:
     """What torch.nn.functional.batch_norm raises before anything else, in its order: its batch
     size and eps checks (on whatever it was given: a list input fails on .size() alike), then
     its parser's, for the tensor arguments (positions as in torch.batch_norm)."""
-    if training:
+    if training and check_batch_size:
         size = input.size()
         count = size[0]
         for d in size[2:]:

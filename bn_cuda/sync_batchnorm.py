@@ -164,10 +164,11 @@ class SyncBatchNorm(_BatchNorm):
                 num_batches_tracked,
             )
         group, world_size = sync
-        # Every check but "more than 1 value per channel", which concerns the whole group: a
-        # rank may hold one value or none. An empty slice of the input carries its dtype, device
-        # and channels without a count to check.
-        check_batch_norm_args(input.narrow(0, 0, 0), running_mean, running_var, self.weight, self.bias, True, self.eps)
+        # Every check but "more than 1 value per channel", which concerns the whole group (a rank
+        # may hold one value or none), on every rank, its part of the batch empty or not.
+        check_batch_norm_args(
+            input, running_mean, running_var, self.weight, self.bias, True, self.eps, group_batch=True
+        )
         return sync_batch_norm(
             input,
             self.weight,

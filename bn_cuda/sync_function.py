@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.autograd.function import once_differentiable
+from torch._C import _functions
 
 from .functional import track_batch
 from .ops import acc_dtype
@@ -37,6 +37,10 @@ __all__ = [
 ]
 
 _ops = torch.ops.bn_cuda
+_NO_DOUBLE_BACKWARD = (
+    b"bn_cuda.SyncBatchNorm: the backward of a batch norm synchronized over a process group is not "
+    b"differentiable (no double backward through it in training with more than one process)"
+)
 
 # torch >= 2.7 names the tensor all-gather all_gather_single; older versions all_gather_into_tensor.
 _all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -139,8 +143,20 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return output
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        with torch.no_grad():
+            grads = SyncBatchNormFunction._first_order_grads(ctx, grad_output)
+        if torch.is_grad_enabled() and any(ctx.needs_input_grad[:3]):
+            # create_graph=True: these gradients depend on input and weight, through the group's
+            # statistics, but carry no graph. Differentiating them raises (where
+            # @once_differentiable would let a grad_output that does not require grad through,
+            # silently dropping the second-order term).
+            refuse = _functions.DelayedError(_NO_DOUBLE_BACKWARD, len(grads))
+            grads = refuse(*[None if g is None else g.detach().requires_grad_() for g in grads])
+        return grads
+
+    @staticmethod
+    def _first_order_grads(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         input, weight, mean, invstd, count = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         channels = input.shape[1]
