@@ -27,13 +27,16 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _memory_format(x: Tensor) -> torch.memory_format:
     """The format the kernels write outputs dense in (csrc/op_checks.h, view_format): 4D/5D only;
-    on the CPU the one the input is dense in (contiguous first), else suggest_memory_format."""
+    on the CPU the one the input is dense in (contiguous first), else suggest_memory_format; an
+    empty input channels last where its channels' stride is 1."""
     if x.dim() not in (4, 5):
         return torch.contiguous_format
+    channels_last = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    if x.numel() == 0:
+        return channels_last if x.shape[1] > 1 and x.stride(1) == 1 else torch.contiguous_format
     if x.device.type == "cpu":
         if x.is_contiguous():
             return torch.contiguous_format
-        channels_last = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
         if x.is_contiguous(memory_format=channels_last):
             return channels_last
     return suggest_memory_format(x)

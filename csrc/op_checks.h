@@ -45,12 +45,17 @@ inline void check_input(const at::Tensor& input, const char* op) {
 // channels_last(_3d), else suggest_memory_format(). The two differ on channels_last inputs with
 // odd strides on a size-1 dim (an HWC image permuted and unsqueezed to 1xCxHxW), which
 // suggest_memory_format() calls contiguous. CUDA: suggest_memory_format(), as cuDNN's batch norm.
-// bn_cuda/ops.py's fake kernels follow the same rule.
+// An empty input, contiguous in every format and contiguous to suggest_memory_format(): channels
+// last where its channels' stride is 1 (C > 1), as empty_like keeps it (nn.SyncBatchNorm's output
+// on a rank with no samples). bn_cuda/ops.py's fake kernels follow the same rule.
 inline at::MemoryFormat view_format(const at::Tensor& input) {
   if (!input.defined() || (input.dim() != 4 && input.dim() != 5)) return at::MemoryFormat::Contiguous;
+  const auto channels_last = input.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
+  if (input.numel() == 0) {
+    return input.size(1) > 1 && input.stride(1) == 1 ? channels_last : at::MemoryFormat::Contiguous;
+  }
   if (input.is_cpu()) {
     if (input.is_contiguous()) return at::MemoryFormat::Contiguous;
-    const auto channels_last = input.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
     if (input.is_contiguous(channels_last)) return channels_last;
   }
   return input.suggest_memory_format();

@@ -80,9 +80,12 @@ def assert_matches_torch(x, grad_output, training):
 
 def kernel_format(x):
     """The format outputs are dense in: 4D/5D only; on the CPU PyTorch's CPU rule (the format the
-    input is dense in, contiguous first), else suggest_memory_format (cuDNN's choice)."""
+    input is dense in, contiguous first), else suggest_memory_format (cuDNN's choice); an empty
+    input's as empty_like keeps it."""
     if x.dim() not in (4, 5):
         return torch.contiguous_format
+    if x.numel() == 0:  # as empty_like keeps it
+        return CL[x.dim()] if x.shape[1] > 1 and x.stride(1) == 1 else torch.contiguous_format
     if x.device.type == "cpu" and not x.is_contiguous() and x.is_contiguous(memory_format=CL[x.dim()]):
         return CL[x.dim()]
     return suggest_memory_format(x)

@@ -759,3 +759,24 @@ def test_opcheck_channels_last_with_odd_strides(device, grad_strides):
     for op, args in samples:
         result = torch.library.opcheck(op, args)
         assert set(result.values()) == {"SUCCESS"}, (op, result)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=str)
+def test_empty_input_keeps_its_layout(device, memory_format):
+    """An empty batch (a SyncBatchNorm rank with no samples) gives outputs laid out as the input,
+    as empty_like keeps it (suggest_memory_format calls every empty tensor contiguous); the fake
+    kernels agree (opcheck)."""
+    x = torch.randn(0, 3, 4, 4, device=device).contiguous(memory_format=memory_format)
+    w, b = torch.ones(3, device=device), torch.zeros(3, device=device)
+    mean, invstd = torch.zeros(3, device=device), torch.ones(3, device=device)
+    y = ops.normalize(x, mean, invstd, w, b)
+    dx = ops.backward(x, x, mean, invstd, w, True, [True, True, True])[0]
+    assert y.stride() == dx.stride() == x.stride()
+    for op, args in [
+        (ops.normalize.default, (x, mean, invstd, w, b)),
+        (ops.forward_train.default, (x, w, b, 1e-5)),
+        (ops.backward.default, (x, x, mean, invstd, w, True, [True, True, True])),
+    ]:
+        result = torch.library.opcheck(op, args)
+        assert set(result.values()) == {"SUCCESS"}, (op, result)

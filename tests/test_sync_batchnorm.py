@@ -324,15 +324,71 @@ def check_subgroups(me: Rank) -> None:
 
 
 def check_double_backward_refused(me: Rank) -> None:
+    # Refused whatever follows the layer: after a linear head too, whose grad_output does not
+    # require grad (@once_differentiable let that through, dropping the second-order term).
     sync = SyncBatchNorm(3, dtype=torch.float64)
-    x = torch.randn(3, 3, 2, 2, dtype=torch.float64, requires_grad=True)
-    (dx,) = torch.autograd.grad(sync(x).square().sum(), x, create_graph=True)
-    try:
-        dx.sum().backward()
-    except RuntimeError as e:
-        assert "differentiate twice" in str(e)
-    else:
-        raise AssertionError("double backward did not raise")
+    head = torch.randn(3, 3, 2, 2, dtype=torch.float64)
+    for loss in (lambda y: y.square().sum(), lambda y: (y * head).sum()):
+        x = torch.randn(3, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+        (dx,) = torch.autograd.grad(loss(sync(x)), x, create_graph=True)
+        try:
+            dx.square().sum().backward()
+        except RuntimeError as e:
+            assert "not differentiable" in str(e)
+        else:
+            raise AssertionError("double backward did not raise")
+
+
+def check_bad_arguments_as_plain_batch_norm(me: Rank) -> None:
+    # In training over the group, every argument check of nn.BatchNorm holds on every rank (an
+    # empty one too), with its error, before anything changes; no collective runs.
+    def requiring_grad(m):
+        m.running_mean.requires_grad_()
+        return m
+
+    def without_running_var(m):
+        m.running_var = None
+        return m
+
+    def weight_of_5(m):
+        m.weight = nn.Parameter(torch.ones(5))
+        return m
+
+    cases = [
+        ("float64 input", lambda cls: cls(3), torch.randn(4, 3, 2, dtype=torch.float64)),
+        ("running_mean requiring grad", lambda cls: requiring_grad(cls(3)), torch.randn(4, 3, 2)),
+        ("no running_var", lambda cls: without_running_var(cls(3)), torch.randn(4, 3, 2)),
+        ("wrong channel count", lambda cls: cls(3), torch.randn(4, 4, 2)),
+        ("wrong channel count, no stats", lambda cls: cls(3, track_running_stats=False), torch.randn(4, 4, 2)),
+        ("weight of 5", lambda cls: weight_of_5(cls(3)), torch.randn(4, 3, 2)),
+    ]
+    for name, make, x in cases:
+        try:
+            make(nn.BatchNorm1d)(x.clone())
+        except Exception as error:  # nn's outcome is the expected one
+            expected = error
+        else:
+            raise AssertionError(f"{name}: nn.BatchNorm1d accepted the call")
+        sync = make(SyncBatchNorm)
+        before = {k: v.clone() for k, v in sync.state_dict().items()}
+        try:
+            sync(x if me.rank == 0 else x[:0])
+        except Exception as error:
+            assert type(error) is type(expected) and str(error) == str(expected), (name, error, expected)
+        else:
+            raise AssertionError(f"{name}: no error on rank {me.rank}")
+        for key, value in sync.state_dict().items():
+            assert torch.equal(value, before[key]), (name, key)
+
+
+def check_empty_rank_keeps_channels_last(me: Rank) -> None:
+    sync = SyncBatchNorm(3).to(me.device)
+    x = torch.randn(4 if me.rank == 0 else 0, 3, 4, 4, device=me.device)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = sync(x)
+    y.sum().backward()
+    assert y.is_contiguous(memory_format=torch.channels_last) and y.shape == x.shape
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
 
 
 def check_ddp_training(me: Rank) -> None:
@@ -382,6 +438,8 @@ GROUPS: dict[str, tuple[int, str, list[Callable[[Rank], None]]]] = {
             check_no_running_stats,
             check_all_ranks_empty,
             check_double_backward_refused,
+            check_bad_arguments_as_plain_batch_norm,
+            check_empty_rank_keeps_channels_last,
             check_ddp_training,
         ],
     ),
