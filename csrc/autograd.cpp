@@ -146,8 +146,14 @@ std::array<at::Tensor, 3> input_and_param_grads(AutogradContext* ctx, const at::
     return grads_by_reference(grad_output, input, weight, bias, eps, training, a, b, needs);
   }
   const at::Tensor invstd = training ? b : at::rsqrt(b.to(acc_type(input.scalar_type())) + eps);
-  auto [grad_input, grad_weight, grad_bias] =
-      backward_op().call(grad_output, input, a, invstd, optional_of(weight), training, needs);
+  BackwardOut grads;
+  {
+    // Grad mode is off here: straight to the kernel, past the autograd fallback of an op that
+    // has no derivative of its own (it checks every argument for requires_grad on each call).
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    grads = backward_op().call(grad_output, input, a, invstd, optional_of(weight), training, needs);
+  }
+  auto& [grad_input, grad_weight, grad_bias] = grads;
   // The op returns (0,) placeholders for the outputs it was not asked for.
   return {needs[0] ? grad_input : at::Tensor(), needs[1] ? grad_weight : at::Tensor(),
           needs[2] ? grad_bias : at::Tensor()};
