@@ -219,12 +219,7 @@ def _check_before_parser(
     size and eps checks (on whatever it was given: a list input fails on .size() alike), then
     its parser's, for the tensor arguments (positions as in torch.batch_norm)."""
     if training and check_batch_size:
-        size = input.size()
-        count = size[0]
-        for d in size[2:]:
-            count *= d
-        if count == 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+        F._verify_batch_size(input.size())
     # The comparisons F.batch_norm makes (a None eps fails on them with its TypeError); eps = 0 in
     # eval goes to torch too, whose rule for it changed between releases.
     if (eps <= 0.0) if training else (eps < 0.0 or eps == 0.0):
@@ -333,16 +328,13 @@ def _batch_norm_by_aten_ops(
     """The forward as differentiable ATen ops, for function transforms and forward-mode AD:
     (output like input, mean, biased var), statistics in the acc dtype (float32 for
     float16/bfloat16 input, as the ops'). Batch statistics in training, the running ones in
-    eval; the same formula as the kernels, (x - mean) * (invstd * weight) + bias."""
+    eval; the same formula as the kernels, (x - mean) * (invstd * weight) + bias. The input has
+    elements (batch_norm_impl returns an empty one before)."""
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     dims = [0, *range(2, input.dim())]
     shape = [1, input.shape[1]] + [1] * (input.dim() - 2)
     x = input.to(acc)
-    if training and x.numel() == 0:
-        # An empty batch: nothing to normalize and no statistics (var_mean would warn); the
-        # running statistics stay as they are (track_batch).
-        mean = var = x.new_zeros(input.shape[1])
-    elif training:
+    if training:
         var, mean = torch.var_mean(x, dims, correction=0)
     else:
         assert running_mean is not None and running_var is not None  # checked
@@ -425,8 +417,6 @@ def track_batch(
     # is_scripting() test keeps it from compiling the ATen-op branch.
     if not torch.jit.is_scripting() and by_aten_ops:
         assert count_tensor is None, "a count known only on the device takes update_running_stats"
-        if count == 0:
-            return  # an empty batch leaves them, as update_running_stats does
         # The cumulative factor in the statistics' dtype, as the op's: float64 buffers keep it exact.
         factor = momentum if momentum is not None else num_batches_tracked.to(mean.dtype).reciprocal()
         _blend_by_aten_ops(running_mean, running_var, mean, var, count, factor)
